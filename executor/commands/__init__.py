@@ -1,0 +1,43 @@
+"""Lifecycle commands and the state machine they drive."""
+
+from executor.commands.models import (
+    COMMAND_TYPES,
+    BackoffPolicy,
+    CancelRun,
+    Command,
+    CompleteStep,
+    CreateRun,
+    DispatchStep,
+    ExpireLease,
+    FailStep,
+    PauseRun,
+    ResumeRun,
+    RetryStep,
+    StartRun,
+    StartStep,
+    StepSpec,
+    dump,
+    parse,
+    parse_obj,
+)
+
+__all__ = [
+    "COMMAND_TYPES",
+    "BackoffPolicy",
+    "CancelRun",
+    "Command",
+    "CompleteStep",
+    "CreateRun",
+    "DispatchStep",
+    "ExpireLease",
+    "FailStep",
+    "PauseRun",
+    "ResumeRun",
+    "RetryStep",
+    "StartRun",
+    "StartStep",
+    "StepSpec",
+    "dump",
+    "parse",
+    "parse_obj",
+]

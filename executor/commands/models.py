@@ -1,0 +1,261 @@
+"""Commands: the only way anything asks for a run or step to change.
+
+Commands cross process boundaries as JSON inside RQ jobs, so they are strict, frozen and
+closed (`extra="forbid"`): a job that does not match exactly is rejected whole rather than
+half-understood. Commands the system generates itself get a deterministic idempotency key
+derived from type, run, step and attempt, so a redelivered job carries the same key and is
+recognised as a duplicate. Commands from people and apps (creating a run, a manual retry,
+cancel, pause, resume) must carry a key chosen by the caller, because two clicks on "retry"
+are one intent only if the caller says so.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, model_validator
+
+from executor.errors import InvalidCommand
+
+Identifier = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+Key = Annotated[str, Field(min_length=1, max_length=300)]
+Attempt = Annotated[int, Field(ge=1, le=1_000_000)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class BackoffPolicy(_Model):
+    """Exponential backoff with full jitter and a cap, in seconds."""
+
+    initial: Annotated[float, Field(ge=0, le=86_400)] = 1.0
+    multiplier: Annotated[float, Field(ge=1, le=100)] = 2.0
+    cap: Annotated[float, Field(ge=0, le=86_400)] = 60.0
+    jitter: bool = True
+
+
+class StepSpec(_Model):
+    """A step as the ledger records it when a run starts (the workflow code stays in workers)."""
+
+    step_key: Identifier
+    depends_on: tuple[Identifier, ...] = ()
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 3
+    queue: Identifier = "default"
+    timeout_seconds: Annotated[float, Field(gt=0, le=86_400)] | None = None
+    backoff: BackoffPolicy = BackoffPolicy()
+
+
+class _CommandBase(_Model):
+    run_id: Identifier
+    idempotency_key: Key
+
+    def describe(self) -> str:
+        return f"{self.type} run={self.run_id}"  # type: ignore[attr-defined]
+
+
+def _deterministic_key(cls: type[BaseModel], data: Any, *parts: str) -> Any:
+    """`<type>:<run>:<step>:<attempt>`: readable in the dashboard, equal on redelivery."""
+    if isinstance(data, dict) and not data.get("idempotency_key"):
+        type_ = cls.model_fields["type"].default
+        values = [str(data.get(p)) for p in parts]
+        data = {**data, "idempotency_key": ":".join([str(type_), *values])}
+    return data
+
+
+class _SystemStepCommand(_CommandBase):
+    step_key: Identifier
+    attempt: Attempt
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_key(cls, data: Any) -> Any:
+        return _deterministic_key(cls, data, "run_id", "step_key", "attempt")
+
+    def describe(self) -> str:
+        return f"{self.type} run={self.run_id} step={self.step_key} attempt={self.attempt}"  # type: ignore[attr-defined]
+
+
+class CreateRun(_CommandBase):
+    """Create a run in `pending`; a worker that knows the workflow then starts it."""
+
+    type: Literal["create_run"] = "create_run"
+    workflow: Identifier
+    input: JsonValue = None
+    concurrency_key: Annotated[str, Field(min_length=1, max_length=500)] | None = None
+
+
+class StartRun(_CommandBase):
+    """pending → running: record the step graph and queue the steps with no upstream."""
+
+    type: Literal["start_run"] = "start_run"
+    workflow: Identifier
+    steps: tuple[StepSpec, ...] = Field(min_length=1, max_length=10_000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_key(cls, data: Any) -> Any:
+        return _deterministic_key(cls, data, "run_id")
+
+    @model_validator(mode="after")
+    def _graph_is_closed(self) -> StartRun:
+        keys = [s.step_key for s in self.steps]
+        if len(set(keys)) != len(keys):
+            raise ValueError("step keys must be unique")
+        known = set(keys)
+        for s in self.steps:
+            missing = set(s.depends_on) - known
+            if missing:
+                raise ValueError(f"step {s.step_key!r} depends on unknown {sorted(missing)}")
+        _check_acyclic(self.steps)
+        return self
+
+
+class DispatchStep(_SystemStepCommand):
+    """retrying → queued: dispatch the next attempt once its backoff has elapsed."""
+
+    type: Literal["dispatch_step"] = "dispatch_step"
+
+
+class StartStep(_SystemStepCommand):
+    """queued → running for one attempt; the job that carries it then runs the step."""
+
+    type: Literal["start_step"] = "start_step"
+
+
+class CompleteStep(_SystemStepCommand):
+    type: Literal["complete_step"] = "complete_step"
+    output: JsonValue = None
+
+
+class FailStep(_SystemStepCommand):
+    """running → retrying (budget left and retryable) or failed."""
+
+    type: Literal["fail_step"] = "fail_step"
+    error: Annotated[str, Field(max_length=100_000)]
+    error_type: Annotated[str, Field(max_length=500)] = "Exception"
+    traceback: Annotated[str, Field(max_length=200_000)] | None = None
+    retryable: bool = True
+
+
+class ExpireLease(_SystemStepCommand):
+    """The reaper's verdict on an attempt whose worker stopped heartbeating.
+
+    The key includes the lease deadline the reaper saw, so a verdict dropped because a
+    heartbeat extended the lease does not use up the key of the next, real expiry.
+    """
+
+    type: Literal["expire_lease"] = "expire_lease"
+    observed_lease: Annotated[str, Field(min_length=1, max_length=64)]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_key(cls, data: Any) -> Any:
+        return _deterministic_key(cls, data, "run_id", "step_key", "attempt", "observed_lease")
+
+
+class RetryStep(_CommandBase):
+    """Manual retry: failed → queued as a new attempt; reopens a failed run."""
+
+    type: Literal["retry_step"] = "retry_step"
+    step_key: Identifier
+    requested_by: Annotated[str, Field(max_length=200)] | None = None
+
+    def describe(self) -> str:
+        return f"retry_step run={self.run_id} step={self.step_key}"
+
+
+class CancelRun(_CommandBase):
+    type: Literal["cancel_run"] = "cancel_run"
+    reason: Annotated[str, Field(max_length=2000)] | None = None
+
+
+class PauseRun(_CommandBase):
+    type: Literal["pause_run"] = "pause_run"
+    reason: Annotated[str, Field(max_length=2000)] | None = None
+
+
+class ResumeRun(_CommandBase):
+    type: Literal["resume_run"] = "resume_run"
+
+
+Command = Annotated[
+    CreateRun
+    | StartRun
+    | DispatchStep
+    | StartStep
+    | CompleteStep
+    | FailStep
+    | ExpireLease
+    | RetryStep
+    | CancelRun
+    | PauseRun
+    | ResumeRun,
+    Field(discriminator="type"),
+]
+
+COMMAND_TYPES: tuple[str, ...] = (
+    "create_run",
+    "start_run",
+    "dispatch_step",
+    "start_step",
+    "complete_step",
+    "fail_step",
+    "expire_lease",
+    "retry_step",
+    "cancel_run",
+    "pause_run",
+    "resume_run",
+)
+
+_adapter: TypeAdapter[Command] = TypeAdapter(Command)
+
+
+def parse(raw: str | bytes) -> Command:
+    """The one entry point from the wire. Raises InvalidCommand with a readable reason."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidCommand(f"command is not UTF-8 text: {exc}") from exc
+    try:
+        return _adapter.validate_json(raw, strict=True)
+    except ValueError as exc:
+        raise InvalidCommand(_explain(exc)) from exc
+
+
+def parse_obj(obj: Any) -> Command:
+    """Parse an already-decoded JSON value (RQ's JSON serializer hands us dicts)."""
+    try:
+        text = json.dumps(obj, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidCommand(f"command is not JSON-serialisable: {exc}") from exc
+    return parse(text)
+
+
+def dump(command: Command) -> str:
+    return command.model_dump_json()
+
+
+def _explain(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        parts = []
+        for err in errors()[:5]:
+            loc = ".".join(str(p) for p in err.get("loc", ())) or "<root>"
+            parts.append(f"{loc}: {err.get('msg')}")
+        return "invalid command: " + "; ".join(parts)
+    return f"invalid command: {exc}"
+
+
+def _check_acyclic(steps: tuple[StepSpec, ...]) -> None:
+    deps = {s.step_key: set(s.depends_on) for s in steps}
+    done: set[str] = set()
+    while deps:
+        ready = [k for k, d in deps.items() if d <= done]
+        if not ready:
+            raise ValueError(f"dependency cycle among {sorted(deps)}")
+        for k in ready:
+            done.add(k)
+            del deps[k]

@@ -1,0 +1,46 @@
+"""One root for every error the executor raises; each docstring is what a user is told."""
+
+from __future__ import annotations
+
+
+class ExecutorError(Exception):
+    """The step executor failed."""
+
+
+class ConfigurationError(ExecutorError):
+    """The executor is misconfigured."""
+
+
+class InvalidCommand(ExecutorError, ValueError):
+    """A command did not match its schema; it was rejected and changed nothing."""
+
+
+class ConcurrencyKeyTaken(ExecutorError):
+    """Another active run holds this concurrency key."""
+
+    def __init__(self, concurrency_key: str, holder_run_id: str) -> None:
+        self.concurrency_key = concurrency_key
+        self.holder_run_id = holder_run_id
+        super().__init__(
+            f"concurrency key {concurrency_key!r} is held by run {holder_run_id} "
+            "(pending, running or paused); wait for it to finish or cancel it"
+        )
+
+
+class LedgerBusy(ExecutorError):
+    """The ledger kept hitting serialization failures or deadlocks; the command was not applied."""
+
+
+class UnknownWorkflow(ExecutorError):
+    """No workflow of that name is registered in this process."""
+
+
+class DisallowedJob(ExecutorError):
+    """A job named a function outside the worker's allow-list; it was not run."""
+
+
+class LeaseLost(BaseException):
+    """This attempt's lease was taken over; the step function must stop.
+
+    A BaseException so that a step's own `except Exception` cannot swallow it.
+    """
