@@ -36,7 +36,7 @@ from executor.commands.state import (
 )
 
 
-class Drop(Exception):  # noqa: N818 - a verdict, not a failure
+class Drop(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
@@ -184,7 +184,10 @@ def decide(
                 f"lease of attempt {command.attempt} is held until "
                 f"{step.lease_expires_at.isoformat()}",
             )
-        error = {"message": "lease expired: the worker stopped heartbeating", "type": "LeaseExpired"}
+        error = {
+            "message": "lease expired: the worker stopped heartbeating",
+            "type": "LeaseExpired",
+        }
         _fail_attempt(t, step, error, retryable=True)
     else:  # pragma: no cover - the union is closed
         raise Drop("invalid_payload", f"unhandled command type {type(command).__name__}")
@@ -388,11 +391,10 @@ def advance(t: Transition, *, dispatch_due_retries: bool = False) -> None:
             t.emit("run_failed", error=error)
         return
     for step in steps:
-        if step.status == "pending" and all(
-            t.steps[d].status == "completed" for d in step.depends_on
-        ):
-            _queue(t, step)
-        elif (
+        if (
+            step.status == "pending"
+            and all(t.steps[d].status == "completed" for d in step.depends_on)
+        ) or (
             step.status == "retrying"
             and step.next_attempt_at is not None
             and step.next_attempt_at <= t.now

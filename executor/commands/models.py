@@ -65,6 +65,7 @@ def _deterministic_key(cls: type[BaseModel], data: Any, *parts: str) -> Any:
 
 
 class _SystemStepCommand(_CommandBase):
+    idempotency_key: Key = ""  # always filled in by _default_key before validation
     step_key: Identifier
     attempt: Attempt
 
@@ -90,6 +91,7 @@ class StartRun(_CommandBase):
     """pending → running: record the step graph and queue the steps with no upstream."""
 
     type: Literal["start_run"] = "start_run"
+    idempotency_key: Key = ""  # filled in by _default_key
     workflow: Identifier
     steps: tuple[StepSpec, ...] = Field(min_length=1, max_length=10_000)
 

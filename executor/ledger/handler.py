@@ -32,7 +32,7 @@ from executor.commands.models import Command, CreateRun, StartStep
 from executor.commands.state import RunRow, StepRow
 from executor.errors import ConcurrencyKeyTaken, LedgerBusy
 from executor.ledger import queries as q
-from executor.ledger.outcome import EventRef, Outcome, OutboxItem, StepContext
+from executor.ledger.outcome import EventRef, OutboxItem, Outcome, StepContext
 
 log = logging.getLogger("executor.ledger")
 
@@ -50,7 +50,7 @@ class LedgerHooks:
     before_commit: Callable[[Command], None] | None = None
 
 
-class _Conflict(Exception):  # noqa: N818 - internal signal, never escapes apply()
+class _Conflict(Exception):
     pass
 
 
@@ -100,7 +100,17 @@ class Ledger:
         with self.pool.connection() as conn:
             conn.execute(
                 q.INSERT_DROP,
-                (None, None, None, None, command_type, "invalid_payload", detail, None, raw[:10_000]),
+                (
+                    None,
+                    None,
+                    None,
+                    None,
+                    command_type,
+                    "invalid_payload",
+                    detail,
+                    None,
+                    raw[:10_000],
+                ),
             )
         log.warning("dropped invalid payload: %s", detail)
         return Outcome(
@@ -118,13 +128,18 @@ class Ledger:
             row = conn.execute(
                 q.EXTEND_LEASE, (self.lease_seconds, run_id, step_key, attempt)
             ).fetchone()
-        return None if row is None else row["lease_expires_at"]  # type: ignore[no-any-return]
+        if row is None:
+            return None
+        expires: datetime = row["lease_expires_at"]
+        return expires
 
     def _apply_once(self, command: Command) -> tuple[Outcome, ConcurrencyKeyTaken | None]:
         with self.pool.connection() as conn, conn.pipeline(), conn.transaction():
             run_cur = conn.execute(q.LOCK_RUN, (command.run_id,))
             steps_cur = (
-                None if isinstance(command, CreateRun) else conn.execute(q.LOCK_STEPS, (command.run_id,))
+                None
+                if isinstance(command, CreateRun)
+                else conn.execute(q.LOCK_STEPS, (command.run_id,))
             )
             receipt = conn.execute(q.RECEIPT_AND_NOW, (command.idempotency_key,)).fetchone()
             run_row = run_cur.fetchone()
@@ -184,13 +199,17 @@ class Ledger:
             return None
         err = ConcurrencyKeyTaken(key, holder["run_id"])
         if t.run_created:
-            conn.execute(q.UPDATE_RECEIPT_OUTCOME, ("invalid_transition", str(err), command.idempotency_key))
+            conn.execute(
+                q.UPDATE_RECEIPT_OUTCOME, ("invalid_transition", str(err), command.idempotency_key)
+            )
             self._insert_drop(conn, command, "invalid_transition", str(err))
         else:
             self._record_drop(conn, command, "invalid_transition", str(err))
         return err
 
-    def _write(self, conn: Conn, command: Command, t: Transition) -> psycopg.Cursor[dict[str, Any]] | None:
+    def _write(
+        self, conn: Conn, command: Command, t: Transition
+    ) -> psycopg.Cursor[dict[str, Any]] | None:
         first = t.run.last_seq + 1
         last = t.run.last_seq + len(t.events)
         run = t.run

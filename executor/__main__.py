@@ -1,0 +1,3 @@
+from executor.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,325 @@
+"""The operator verbs: thin argparse wrappers over Client, migrate, verify and friends."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from typing import Any
+
+from executor.commands.models import CancelRun, PauseRun, ResumeRun, RetryStep, parse
+from executor.errors import ExecutorError
+
+Sub = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def register(sub: Any) -> None:
+    def verb(name: str, func: Any, help_: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    verb("migrate", cmd_migrate, "apply the SQL files in sql/ once each, under an advisory lock")
+
+    p = verb("worker", cmd_worker, "run an RQ worker (our class) on the configured queues")
+    p.add_argument("queues", nargs="*", help="queues in priority order (default: configured)")
+    p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    p.add_argument("--worker-class", choices=("simple", "fork"), default=None)
+
+    p = verb("submit", cmd_submit, "start a run of WORKFLOW, or enqueue a raw --command")
+    p.add_argument("workflow", nargs="?")
+    p.add_argument("--input", default="null", help="run input as JSON")
+    p.add_argument("--concurrency-key")
+    p.add_argument("--idempotency-key")
+    p.add_argument("--command", help="a command as JSON, enqueued for a worker to apply")
+    p.add_argument("--wait", type=float, metavar="SECONDS", help="wait for a terminal status")
+
+    p = verb("runs", cmd_runs, "list recent runs")
+    p.add_argument("--status")
+    p.add_argument("--workflow")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+
+    p = verb("show", cmd_show, "a run's steps and event timeline, drops included")
+    p.add_argument("run_id")
+    p.add_argument("--json", action="store_true")
+
+    p = verb("retry", cmd_retry, "retry a failed step as a new attempt")
+    p.add_argument("run_id")
+    p.add_argument("step_key")
+    p.add_argument("--idempotency-key", help="repeat a retry safely by reusing its key")
+    for name, help_ in (
+        ("cancel", "cancel a run and its unfinished steps"),
+        ("pause", "stop dispatching new steps of a run"),
+        ("resume", "resume a paused run"),
+    ):
+        p = verb(name, cmd_run_action, help_)
+        p.add_argument("run_id")
+        p.add_argument("--idempotency-key")
+        p.add_argument("--reason")
+
+    verb("sweep", cmd_sweep, "re-push the outbox and reap expired leases once")
+
+    p = verb("verify", cmd_verify, "replay every run's log against the invariants")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--run", dest="run_id")
+
+    p = verb("dashboard", cmd_dashboard, "serve the retry dashboard")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+
+    p = verb("demo", cmd_demo, "run the demo: workers, ~200 runs, duplicates, a summary")
+    p.add_argument("--runs", type=int, default=200)
+    p.add_argument("--workers", type=int, default=3)
+    p.add_argument("--ledger-only", action="store_true", help="the scripted ledger demo only")
+
+    p = verb("bench", cmd_bench, "measure steps/s against RQ and the handler against a naive write")
+    p.add_argument("--what", choices=("all", "e2e", "ledger"), default="all")
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--workers", type=int, default=2)
+
+    verb("config", cmd_config, "print the effective settings")
+
+
+def _urls() -> tuple[str, str]:
+    from executor.config import resolve_urls
+
+    return resolve_urls()
+
+
+def _client() -> Any:
+    from executor.client import Client
+
+    db, redis = _urls()
+    return Client(db, redis)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from executor.storage.migrate import migrate
+
+    db, _ = _urls()
+    applied = migrate(db)
+    print("applied: " + ", ".join(applied) if applied else "schema is up to date")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from executor.transport.worker import run_worker
+    from queue_config import load_settings
+
+    run_worker(
+        load_settings(),
+        queues=args.queues or None,
+        burst=args.burst,
+        worker_class=args.worker_class,
+    )
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    with _client() as client:
+        if args.command:
+            job_id = client.submit(parse(args.command))
+            print(job_id)
+            return 0
+        if not args.workflow:
+            raise ExecutorError("name a workflow, or pass --command")
+        run_id = client.start_run(
+            args.workflow,
+            json.loads(args.input),
+            concurrency_key=args.concurrency_key,
+            idempotency_key=args.idempotency_key,
+        )
+        print(run_id)
+        if args.wait:
+            view = client.wait(run_id, timeout=args.wait)
+            print(view.status)
+            return 0 if view.status == "completed" else 1
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    clauses, params = [], []
+    if args.status:
+        clauses.append("status = %s")
+        params.append(args.status)
+    if args.workflow:
+        clauses.append("workflow = %s")
+        params.append(args.workflow)
+    where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+    with _client() as client, client.pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT run_id, workflow, status, concurrency_key, last_seq, created_at "
+            f"FROM executor.runs {where} ORDER BY created_at DESC, run_id DESC LIMIT %s",
+            (*params, args.limit),
+        ).fetchall()
+    if args.json:
+        print(json.dumps(rows, default=str, indent=2))
+        return 0
+    _table(
+        ["run_id", "workflow", "status", "events", "created"],
+        [
+            [r["run_id"], r["workflow"], r["status"], r["last_seq"], f"{r['created_at']:%H:%M:%S}"]
+            for r in rows
+        ],
+    )
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with _client() as client:
+        view = client.get_run(args.run_id)
+        if view is None:
+            raise ExecutorError(f"no run {args.run_id}")
+        with client.pool.connection() as conn:
+            events = conn.execute(
+                "SELECT seq, type, step_key, attempt, idempotency_key, payload, created_at "
+                "FROM executor.events WHERE run_id = %s ORDER BY seq",
+                (args.run_id,),
+            ).fetchall()
+            drops = conn.execute(
+                "SELECT drop_id, command_type, step_key, attempt, reason, detail, received_at "
+                "FROM executor.drops WHERE run_id = %s ORDER BY drop_id",
+                (args.run_id,),
+            ).fetchall()
+    if args.json:
+        doc = {"run": view.model_dump(mode="json"), "events": events, "drops": drops}
+        print(json.dumps(doc, default=str, indent=2))
+        return 0
+    print(f"run {view.run_id}  workflow={view.workflow}  status={view.status}")
+    if view.concurrency_key:
+        print(f"concurrency key: {view.concurrency_key}")
+    print()
+    _table(
+        ["step", "status", "attempt", "depends on"],
+        [
+            [s.step_key, s.status, f"{s.attempt}/{s.max_attempts}", ",".join(s.depends_on)]
+            for s in view.steps
+        ],
+    )
+    print("\ntimeline")
+    _table(
+        ["seq", "event", "step", "attempt", "at"],
+        [
+            [
+                e["seq"],
+                e["type"],
+                e["step_key"] or "",
+                e["attempt"] or "",
+                f"{e['created_at']:%H:%M:%S.%f}"[:-3],
+            ]
+            for e in events
+        ],
+    )
+    if drops:
+        print("\ndropped deliveries")
+        _table(
+            ["command", "step", "attempt", "reason", "detail"],
+            [
+                [
+                    d["command_type"],
+                    d["step_key"] or "",
+                    d["attempt"] or "",
+                    d["reason"],
+                    d["detail"],
+                ]
+                for d in drops
+            ],
+        )
+    return 0
+
+
+def _print_outcome(outcome: Any) -> int:
+    print(outcome.summary())
+    return 0 if outcome.applied else 1
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    key = args.idempotency_key or f"cli-retry:{uuid.uuid4().hex}"
+    with _client() as client:
+        return _print_outcome(
+            client.apply(RetryStep(run_id=args.run_id, step_key=args.step_key, idempotency_key=key))
+        )
+
+
+def cmd_run_action(args: argparse.Namespace) -> int:
+    key = args.idempotency_key or f"cli-{args.verb}:{uuid.uuid4().hex}"
+    command: CancelRun | PauseRun | ResumeRun
+    if args.verb == "cancel":
+        command = CancelRun(run_id=args.run_id, idempotency_key=key, reason=args.reason)
+    elif args.verb == "pause":
+        command = PauseRun(run_id=args.run_id, idempotency_key=key, reason=args.reason)
+    else:
+        command = ResumeRun(run_id=args.run_id, idempotency_key=key)
+    with _client() as client:
+        return _print_outcome(client.apply(command))
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from executor.recovery.sweep import sweep_once
+
+    db, redis = _urls()
+    report = sweep_once(db, redis)
+    print(report)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from executor.ledger.verify import verify
+    from executor.storage.db import connect
+
+    db, _ = _urls()
+    with connect(db) as conn:
+        report = verify(conn, run_id=args.run_id, stop_at_first=not args.json)
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2, default=str))
+    elif report.ok:
+        print(
+            f"ok: {report.runs} runs, {report.events} events, {report.receipts} receipts, "
+            f"{report.drops} drops; I1 I2 I4 hold and rows match the log"
+        )
+    else:
+        print(f"VIOLATION: {report.violations[0]}", file=sys.stderr)
+    return 0 if report.ok else 3
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from executor.dashboard.app import serve
+
+    db, redis = _urls()
+    serve(host=args.host, port=args.port, database_url=db, redis_url=redis)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.ledger_only:
+        from executor.cli.ledger_demo import run_ledger_demo
+
+        return run_ledger_demo()
+    from executor.cli.demo import run_demo
+
+    return run_demo(runs=args.runs, workers=args.workers)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from executor.cli.bench import run_bench
+
+    return run_bench(what=args.what, seconds=args.seconds, workers=args.workers)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from queue_config import load_settings
+
+    print(load_settings().render())
+    return 0
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    widths = [min(w, 60) for w in widths]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(c[:60].ljust(w) for c, w in zip(r, widths, strict=True)))

@@ -1,0 +1,178 @@
+"""The step runner: start an attempt through the handler, run it, record how it ended.
+
+The start is applied before any user code runs. If the handler drops it (a duplicate job, a
+stale attempt, a cancelled run) the function never runs, so at-least-once delivery turns
+into at-most-once execution per attempt. While the function runs, a heartbeat thread
+extends the lease, fenced by the attempt number: if the reaper has already given the step
+to a newer attempt, the heartbeat learns it and `ctx.heartbeat()` raises LeaseLost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+from executor.commands.models import CompleteStep, FailStep, StartRun, StartStep
+from executor.errors import LeaseLost, UnknownWorkflow
+from executor.ledger.handler import Ledger
+from executor.ledger.outcome import OutboxItem, Outcome
+from executor.workflows.definition import FatalError, StepContext
+from executor.workflows.registry import get_workflow
+
+log = logging.getLogger("executor.runner")
+
+Push = Callable[[Sequence[OutboxItem]], None]
+
+
+def plan_run(command: StartRun) -> StartRun:
+    """Fill a start_run job's step graph from the workflow registered in this process."""
+    if command.steps:
+        return command
+    wf = get_workflow(command.workflow)
+    return StartRun(
+        run_id=command.run_id,
+        workflow=command.workflow,
+        steps=wf.specs(),
+        idempotency_key=command.idempotency_key,
+    )
+
+
+class _Heartbeat:
+    def __init__(self, beat: Callable[[], bool], interval: float, lost: threading.Event) -> None:
+        self._beat = beat
+        self._interval = interval
+        self._lost = lost
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="executor-heartbeat", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                if not self._beat():
+                    self._lost.set()
+                    return
+            except Exception:  # the database may be restarting; the lease has slack
+                log.warning("heartbeat failed; will try again", exc_info=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class StepRunner:
+    def __init__(self, ledger: Ledger, push: Push, *, heartbeat_interval: float = 10.0) -> None:
+        self.ledger = ledger
+        self.push = push
+        self.heartbeat_interval = heartbeat_interval
+
+    def run(self, command: StartStep) -> Outcome:
+        started = self.ledger.apply(command)
+        if not started.applied:
+            log.info("not running %s: %s (%s)", command.describe(), started.reason, started.detail)
+            return started
+        info = started.step_context
+        assert info is not None
+
+        def beat() -> bool:
+            return (
+                self.ledger.extend_lease(command.run_id, command.step_key, command.attempt)
+                is not None
+            )
+
+        ctx = StepContext(
+            run_id=command.run_id,
+            step_key=command.step_key,
+            attempt=command.attempt,
+            max_attempts=info.max_attempts,
+            input=info.run_input,
+            upstream=info.upstream,
+            workflow=info.workflow,
+            _beat=beat,
+        )
+        with _Heartbeat(beat, self.heartbeat_interval, ctx._lost):
+            try:
+                final: CompleteStep | FailStep = self._call(command, ctx)
+            except LeaseLost:
+                log.warning("%s lost its lease; its result is discarded", command.describe())
+                return started
+        ended = self.ledger.apply(final)
+        if ended.applied:
+            self.push(ended.followups)
+        else:
+            log.warning(
+                "result of %s dropped: %s (%s)", command.describe(), ended.reason, ended.detail
+            )
+        return ended
+
+    def _call(self, command: StartStep, ctx: StepContext) -> CompleteStep | FailStep:
+        ids = _Ids(command.run_id, command.step_key, command.attempt)
+        try:
+            wf = get_workflow(ctx.workflow)
+        except UnknownWorkflow as exc:
+            return ids.fail(str(exc), "UnknownWorkflow", retryable=True)
+        step = wf.steps.get(command.step_key)
+        if step is None:
+            return ids.fail(
+                f"workflow {wf.name!r} has no step {command.step_key!r} in this worker",
+                "UnknownStep",
+                retryable=False,
+            )
+        try:
+            output = step.fn(ctx)
+        except LeaseLost:
+            raise
+        except Exception as exc:
+            if ctx.lease_lost:
+                raise LeaseLost(str(exc)) from exc
+            return _failure(ids, exc, retryable=not isinstance(exc, FatalError))
+        if ctx.lease_lost:
+            raise LeaseLost("lease lost before completion")
+        try:
+            json.dumps(output, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            # Retrying cannot make an output JSON; say so once instead of max_attempts times.
+            return _failure(ids, exc, retryable=False)
+        return CompleteStep(
+            run_id=ids.run_id, step_key=ids.step_key, attempt=ids.attempt, output=output
+        )
+
+
+@dataclass(frozen=True)
+class _Ids:
+    run_id: str
+    step_key: str
+    attempt: int
+
+    def fail(
+        self, error: str, error_type: str, *, retryable: bool, tb: str | None = None
+    ) -> FailStep:
+        return FailStep(
+            run_id=self.run_id,
+            step_key=self.step_key,
+            attempt=self.attempt,
+            error=error[:10_000],
+            error_type=error_type[:500],
+            traceback=tb,
+            retryable=retryable,
+        )
+
+
+def _failure(ids: _Ids, exc: BaseException, *, retryable: bool) -> FailStep:
+    text = "".join(traceback.format_exception(exc))
+    return ids.fail(
+        str(exc) or type(exc).__name__,
+        type(exc).__qualname__,
+        retryable=retryable,
+        tb=text[-50_000:],
+    )
