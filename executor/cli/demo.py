@@ -3,8 +3,9 @@
 Runs of the `order` sample workflow (parallel branches and a join, a flaky payment step) are
 started through the same Client an app uses. A fifth of the launches are sent twice, and
 after the runs finish every step's start and completion job is delivered again, late,
-through Redis, as a confused producer would. The summary shows that each extra delivery was
-dropped with a reason and that `verify` finds every log valid.
+through Redis, as a confused producer would; one run in forty is cancelled while it runs.
+The summary shows that each extra delivery was dropped with a reason and that `verify` finds
+every log valid.
 """
 
 from __future__ import annotations
@@ -13,12 +14,17 @@ import random
 import sys
 import time
 from collections import Counter
+from uuid import uuid4
 
-from executor.cli.procs import worker_processes
+from rq import Queue
+
+from executor.cli.procs import worker_env, worker_processes
 from executor.client import Client
-from executor.commands.models import CompleteStep, StartStep
+from executor.commands.models import CancelRun, CompleteStep, StartStep
 from executor.ledger.verify import verify
 from executor.storage.db import connect
+from executor.transport.dispatch import DELIVER
+from executor.transport.serializer import JSONCommandSerializer
 
 
 def _bar(done: int, total: int, started: float) -> None:
@@ -38,7 +44,11 @@ def run_demo(*, runs: int = 200, workers: int = 3, timeout: float = 120.0) -> in
     db, redis_url = resolve_urls()
     migrate(db)
     print(f"starting {workers} worker processes; submitting {runs} runs of workflow 'order'")
-    with worker_processes(workers, db, redis_url), Client(db, redis_url) as client:
+    # Retries are pushed by the relay once their backoff ends; a short sweep interval keeps
+    # the flaky step's retries from idling in the demo.
+    env = worker_env(db, redis_url, EXECUTOR_SWEEP_INTERVAL="0.5")
+    with worker_processes(workers, db, redis_url, env=env), Client(db, redis_url) as client:
+        watermark = _last_drop_id(client)
         started = time.monotonic()
         run_ids: list[str] = []
         for i in range(runs):
@@ -47,6 +57,9 @@ def run_demo(*, runs: int = 200, workers: int = 3, timeout: float = 120.0) -> in
             run_ids.append(client.start_run("order", args, idempotency_key=key))
             if random.random() < 0.2:
                 client.start_run("order", args, idempotency_key=key)  # the producer retries
+            if i % 40 == 39:
+                # An operator cancels a run in flight: its running attempt's result is late.
+                client.apply(CancelRun(run_id=run_ids[-3], idempotency_key=f"{key}-cancel"))
         done = 0
         deadline = started + timeout
         while done < runs and time.monotonic() < deadline:
@@ -84,9 +97,9 @@ def run_demo(*, runs: int = 200, workers: int = 3, timeout: float = 120.0) -> in
             (run_ids,),
         ).fetchone()
         drops = conn.execute(
-            "SELECT reason, count(*) AS n FROM executor.drops WHERE run_id = ANY(%s) "
+            "SELECT reason, count(*) AS n FROM executor.drops WHERE drop_id > %s "
             "GROUP BY reason ORDER BY reason",
-            (run_ids,),
+            (watermark,),
         ).fetchall()
         report = verify(conn)
     assert steps is not None
@@ -112,7 +125,11 @@ def run_demo(*, runs: int = 200, workers: int = 3, timeout: float = 120.0) -> in
 
 
 def _redeliver_late(client: Client, run_ids: list[str]) -> int:
-    """Send every finished attempt's start and completion again, through Redis."""
+    """Send every finished attempt's start and completion again, through Redis.
+
+    Each goes out as a new RQ job (a fresh job id), as a producer that lost track would send
+    it, so RQ's own job-id dedupe cannot hide it: the ledger must catch it.
+    """
     sent = 0
     with client.pool.connection() as conn:
         rows = conn.execute(
@@ -122,15 +139,20 @@ def _redeliver_late(client: Client, run_ids: list[str]) -> int:
         ).fetchall()
     for r in rows:
         run_id, step_key, attempt = r["run_id"], r["step_key"], r["attempt"]
-        client.submit(
-            StartStep(run_id=run_id, step_key=step_key, attempt=attempt), queue=r["queue"]
-        )
-        client.submit(
+        queue = Queue(r["queue"], connection=client.redis, serializer=JSONCommandSerializer)
+        for command in (
+            StartStep(run_id=run_id, step_key=step_key, attempt=attempt),
             CompleteStep(run_id=run_id, step_key=step_key, attempt=attempt, output=r["output"]),
-            queue=r["queue"],
-        )
-        sent += 2
+        ):
+            queue.enqueue(DELIVER, command.model_dump(mode="json"), job_id=f"late-{uuid4().hex}")
+            sent += 1
     return sent
+
+
+def _last_drop_id(client: Client) -> int:
+    with client.pool.connection() as conn:
+        row = conn.execute("SELECT coalesce(max(drop_id), 0) AS n FROM executor.drops").fetchone()
+    return int(row["n"]) if row else 0
 
 
 def _drop_count(client: Client) -> int:
