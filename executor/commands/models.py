@@ -12,7 +12,7 @@ are one intent only if the caller says so.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, model_validator
 
@@ -55,24 +55,25 @@ class _CommandBase(_Model):
         return f"{self.type} run={self.run_id}"  # type: ignore[attr-defined]
 
 
-def _deterministic_key(cls: type[BaseModel], data: Any, *parts: str) -> Any:
+def _key_from(command: BaseModel, *parts: str) -> str:
     """`<type>:<run>:<step>:<attempt>`: readable in the dashboard, equal on redelivery."""
-    if isinstance(data, dict) and not data.get("idempotency_key"):
-        type_ = cls.model_fields["type"].default
-        values = [str(data.get(p)) for p in parts]
-        data = {**data, "idempotency_key": ":".join([str(type_), *values])}
-    return data
+    return ":".join(str(getattr(command, p)) for p in ("type", *parts))
 
 
 class _SystemStepCommand(_CommandBase):
-    idempotency_key: Key = ""  # always filled in by _default_key before validation
+    # Filled in after validation when absent. A "before" validator would do it earlier, but
+    # it makes pydantic validate JSON input in Python mode, where strict tuples refuse lists.
+    idempotency_key: Key = Field(default="", validate_default=False)
     step_key: Identifier
     attempt: Attempt
 
-    @model_validator(mode="before")
-    @classmethod
-    def _default_key(cls, data: Any) -> Any:
-        return _deterministic_key(cls, data, "run_id", "step_key", "attempt")
+    _key_parts: ClassVar[tuple[str, ...]] = ("run_id", "step_key", "attempt")
+
+    @model_validator(mode="after")
+    def _default_key(self) -> Self:
+        if not self.idempotency_key:
+            object.__setattr__(self, "idempotency_key", _key_from(self, *self._key_parts))
+        return self
 
     def describe(self) -> str:
         return f"{self.type} run={self.run_id} step={self.step_key} attempt={self.attempt}"  # type: ignore[attr-defined]
@@ -91,17 +92,14 @@ class StartRun(_CommandBase):
     """pending → running: record the step graph and queue the steps with no upstream."""
 
     type: Literal["start_run"] = "start_run"
-    idempotency_key: Key = ""  # filled in by _default_key
+    idempotency_key: Key = Field(default="", validate_default=False)
     workflow: Identifier
     steps: tuple[StepSpec, ...] = Field(min_length=1, max_length=10_000)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _default_key(cls, data: Any) -> Any:
-        return _deterministic_key(cls, data, "run_id")
-
     @model_validator(mode="after")
     def _graph_is_closed(self) -> StartRun:
+        if not self.idempotency_key:
+            object.__setattr__(self, "idempotency_key", _key_from(self, "run_id"))
         keys = [s.step_key for s in self.steps]
         if len(set(keys)) != len(keys):
             raise ValueError("step keys must be unique")
@@ -151,10 +149,7 @@ class ExpireLease(_SystemStepCommand):
     type: Literal["expire_lease"] = "expire_lease"
     observed_lease: Annotated[str, Field(min_length=1, max_length=64)]
 
-    @model_validator(mode="before")
-    @classmethod
-    def _default_key(cls, data: Any) -> Any:
-        return _deterministic_key(cls, data, "run_id", "step_key", "attempt", "observed_lease")
+    _key_parts: ClassVar[tuple[str, ...]] = ("run_id", "step_key", "attempt", "observed_lease")
 
 
 class RetryStep(_CommandBase):

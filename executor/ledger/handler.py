@@ -134,47 +134,65 @@ class Ledger:
         return expires
 
     def _apply_once(self, command: Command) -> tuple[Outcome, ConcurrencyKeyTaken | None]:
-        with self.pool.connection() as conn, conn.pipeline(), conn.transaction():
-            run_cur = conn.execute(q.LOCK_RUN, (command.run_id,))
-            steps_cur = (
-                None
-                if isinstance(command, CreateRun)
-                else conn.execute(q.LOCK_STEPS, (command.run_id,))
-            )
-            receipt = conn.execute(q.RECEIPT_AND_NOW, (command.idempotency_key,)).fetchone()
-            run_row = run_cur.fetchone()
-            step_rows = steps_cur.fetchall() if steps_cur is not None else []
-            assert receipt is not None
-            if self.hooks.after_lock:
-                self.hooks.after_lock(command)
-
-            if receipt["outcome"] is not None:
-                detail = (
-                    f"key first delivered at {receipt['received_at'].isoformat()} "
-                    f"with outcome {receipt['outcome']}"
-                )
-                self._insert_drop(conn, command, "duplicate", detail)
-                return self._dropped(command, "duplicate", detail), None
-
-            run = _run_from_row(run_row) if run_row else None
-            steps = {r["step_key"]: _step_from_row(r) for r in step_rows}
+        # BEGIN and COMMIT are sent by hand inside one pipeline: psycopg's transaction()
+        # block would sync after BEGIN and again after COMMIT, five round trips instead of two.
+        with self.pool.connection() as conn:
             try:
-                t = decide(command, run, steps, receipt["now"], self.lease_seconds)
-            except Drop as drop:
-                self._record_drop(conn, command, drop.reason, drop.detail)
-                return self._dropped(command, drop.reason, drop.detail), None
+                with conn.pipeline() as pipeline:
+                    conn.execute("BEGIN")
+                    result = self._decide_and_write(conn, pipeline, command)
+                    conn.execute("COMMIT")
+            except BaseException:
+                if not conn.closed:
+                    conn.rollback()
+                raise
+        outcome, conflict, outbox_cur = result
+        if outbox_cur is not None:
+            followups = tuple(OutboxItem.model_validate(r) for r in outbox_cur.fetchall())
+            outcome = outcome.model_copy(update={"followups": followups})
+        return outcome, conflict
 
-            conflict = self._check_key(conn, command, t)
-            if conflict is not None:
-                return self._dropped(command, "invalid_transition", str(conflict)), conflict
-
-            outbox_cur = self._write(conn, command, t)
-            if self.hooks.before_commit:
-                self.hooks.before_commit(command)
-        followups = tuple(
-            OutboxItem.model_validate(r) for r in (outbox_cur.fetchall() if outbox_cur else [])
+    def _decide_and_write(
+        self, conn: Conn, pipeline: psycopg.Pipeline, command: Command
+    ) -> tuple[Outcome, ConcurrencyKeyTaken | None, psycopg.Cursor[dict[str, Any]] | None]:
+        run_cur = conn.execute(q.LOCK_RUN, (command.run_id,))
+        steps_cur = (
+            None
+            if isinstance(command, CreateRun)
+            else conn.execute(q.LOCK_STEPS, (command.run_id,))
         )
-        return self._applied(command, t, followups), None
+        receipt = conn.execute(q.RECEIPT_AND_NOW, (command.idempotency_key,)).fetchone()
+        run_row = run_cur.fetchone()
+        step_rows = steps_cur.fetchall() if steps_cur is not None else []
+        assert receipt is not None
+        if self.hooks.after_lock:
+            self.hooks.after_lock(command)
+
+        if receipt["outcome"] is not None:
+            detail = (
+                f"key first delivered at {receipt['received_at'].isoformat()} "
+                f"with outcome {receipt['outcome']}"
+            )
+            self._insert_drop(conn, command, "duplicate", detail)
+            return self._dropped(command, "duplicate", detail), None, None
+
+        run = _run_from_row(run_row) if run_row else None
+        steps = {r["step_key"]: _step_from_row(r) for r in step_rows}
+        try:
+            t = decide(command, run, steps, receipt["now"], self.lease_seconds)
+        except Drop as drop:
+            self._record_drop(conn, command, drop.reason, drop.detail)
+            return self._dropped(command, drop.reason, drop.detail), None, None
+
+        conflict = self._check_key(conn, command, t)
+        if conflict is not None:
+            return self._dropped(command, "invalid_transition", str(conflict)), conflict, None
+
+        outbox_cur = self._write(conn, command, t)
+        if self.hooks.before_commit:
+            pipeline.sync()  # so the hook sees the writes done and the locks still held
+            self.hooks.before_commit(command)
+        return self._applied(command, t, ()), None, outbox_cur
 
     def _check_key(self, conn: Conn, command: Command, t: Transition) -> ConcurrencyKeyTaken | None:
         """Hold I5 for launches and reopening retries; record the refusal if the key is taken."""

@@ -17,8 +17,10 @@ SELECT step_key, status, attempt, max_attempts, depends_on, queue, timeout_secon
 FROM executor.steps WHERE run_id = %s ORDER BY step_key FOR UPDATE
 """
 
+# clock_timestamp(), not now(): this runs after the run lock was granted, and a command that
+# waited on the lock must judge leases and backoffs by the time it actually decides.
 RECEIPT_AND_NOW = """
-SELECT now() AS now, r.outcome, r.received_at, r.run_id
+SELECT clock_timestamp() AS now, r.outcome, r.received_at, r.run_id
 FROM (SELECT 1) AS one
 LEFT JOIN executor.receipts AS r ON r.idempotency_key = %s
 """

@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import time
+import weakref
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
+
+# A connection returned to the pool less than this long ago is handed out unchecked; older
+# ones get a round trip to prove they survived (a Postgres restart, an idle timeout).
+CHECK_AFTER_IDLE_SECONDS = 2.0
+
+
+def _mark_returned(conn: psycopg.Connection[dict[str, Any]]) -> None:
+    _returned_at[conn] = time.monotonic()
+
+
+def _check_if_idle(conn: psycopg.Connection[dict[str, Any]]) -> None:
+    """Skip the pool's liveness round trip for connections in steady use (hot path)."""
+    returned = _returned_at.get(conn)
+    if returned is None or time.monotonic() - returned > CHECK_AFTER_IDLE_SECONDS:
+        ConnectionPool.check_connection(conn)
+
+
+_returned_at: weakref.WeakKeyDictionary[psycopg.Connection[dict[str, Any]], float] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _configure(conn: psycopg.Connection[dict[str, Any]]) -> None:
@@ -27,7 +49,8 @@ def open_pool(
         timeout=timeout,
         kwargs={"row_factory": dict_row, "autocommit": True},
         configure=_configure,
-        check=ConnectionPool.check_connection,
+        check=_check_if_idle,
+        reset=_mark_returned,
         open=False,
     )
     pool.open(wait=True, timeout=timeout)
