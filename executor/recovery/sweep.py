@@ -1,0 +1,113 @@
+"""One recovery sweep: the outbox relay, then the reaper, by one leader at a time.
+
+Every worker calls `sweep` every `sweep_interval`; whoever gets the transaction-level
+advisory lock does the work and the others skip at once (`pg_try_advisory_xact_lock`, never
+a wait). The lock lives in a transaction on its own connection, so it is released however
+the sweep ends: commit, error, or the process dying with its session. Running the relay and
+reaper twice concurrently would be safe anyway (SKIP LOCKED, unique job ids, idempotency
+keys); the lock only saves the duplicate work.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import psycopg
+import redis
+from psycopg_pool import ConnectionPool
+
+from executor.ledger.handler import Ledger
+from executor.recovery.reaper import ReapReport, reap
+from executor.recovery.relay import RelayReport, relay
+from executor.storage.db import open_pool
+from executor.transport.dispatch import Dispatcher
+from queue_config import ExecutorSettings, load_settings
+
+Pool = ConnectionPool[psycopg.Connection[dict[str, Any]]]
+
+# "ex-sweep" in ASCII as a bigint; distinct from the migration lock.
+SWEEP_LOCK_KEY = 0x65782D7377656570
+
+
+class SweepContext(Protocol):
+    """What a sweep needs; a worker's Runtime provides it."""
+
+    @property
+    def settings(self) -> ExecutorSettings: ...
+    @property
+    def pool(self) -> Pool: ...
+    @property
+    def ledger(self) -> Ledger: ...
+    @property
+    def dispatcher(self) -> Dispatcher: ...
+
+
+@dataclass
+class SweepReport:
+    leader: bool
+    relay: RelayReport = field(default_factory=RelayReport)
+    reap: ReapReport = field(default_factory=ReapReport)
+    seconds: float = 0.0
+
+    @property
+    def did_work(self) -> bool:
+        r, p = self.relay, self.reap
+        return bool(r.claimed or p.expired or p.requeued or p.redispatched or p.restarted or p.busy)
+
+    def __str__(self) -> str:
+        if not self.leader:
+            return "sweep skipped: another process holds the sweep lock"
+        r, p = self.relay, self.reap
+        return (
+            f"sweep in {self.seconds * 1000:.0f} ms: relayed {r.pushed}/{r.claimed} outbox rows"
+            f"{f' ({r.failed} failed)' if r.failed else ''}; expired {p.expired} leases; "
+            f"re-pushed {p.requeued} queued steps and {p.restarted} pending runs; "
+            f"re-dispatched {p.redispatched} retries"
+            f"{f'; {p.busy} commands hit a busy ledger' if p.busy else ''}"
+        )
+
+
+def sweep(context: SweepContext, *, lock_timeout: float | None = None) -> SweepReport:
+    """Relay then reap, if no one else is sweeping. Postgres/Redis errors propagate."""
+    started = time.monotonic()
+    settings = context.settings
+    timeout = lock_timeout if lock_timeout is not None else max(1.0, settings.sweep_interval)
+    with context.pool.connection(timeout=timeout) as conn, conn.transaction():
+        row = conn.execute(
+            "SELECT pg_try_advisory_xact_lock(%s) AS ok", (SWEEP_LOCK_KEY,)
+        ).fetchone()
+        if row is None or not row["ok"]:
+            return SweepReport(leader=False)
+        relayed = relay(context.pool, context.dispatcher, settings)
+        reaped = reap(context.pool, context.ledger, context.dispatcher, settings)
+    return SweepReport(leader=True, relay=relayed, reap=reaped, seconds=time.monotonic() - started)
+
+
+@dataclass
+class _Context:
+    settings: ExecutorSettings
+    pool: Pool
+    ledger: Ledger
+    dispatcher: Dispatcher
+
+
+def sweep_once(
+    database_url: str, redis_url: str, settings: ExecutorSettings | None = None
+) -> SweepReport:
+    """One sweep from outside a worker (`executor sweep`): own pool and Redis, closed after."""
+    settings = settings or load_settings()
+    pool = open_pool(database_url, name="sweep", max_size=4)
+    client: redis.Redis[bytes] = redis.Redis.from_url(redis_url)
+    try:
+        context = _Context(
+            settings=settings,
+            pool=pool,
+            ledger=Ledger(pool, lease_seconds=settings.lease_seconds),
+            dispatcher=Dispatcher(client, settings, pool),
+        )
+        return sweep(context)
+    finally:
+        pool.close()
+        client.close()

@@ -1,0 +1,101 @@
+"""The one job function workers run: `deliver(command)`.
+
+Every RQ job we enqueue names this function and nothing else, with one JSON command as its
+argument. `deliver` decodes it strictly and routes it:
+
+- `start_step` → the StepRunner (apply the start, run the step, apply its outcome);
+- `start_run` without steps (what `create_run` leaves in the outbox, since clients do not
+  load workflow code) → plan the steps from this worker's registry, then apply;
+- anything else → `Ledger.apply`;
+
+then pushes the follow-ups the commit wrote to the outbox. A dropped command ends the job at
+once; the drop is in the ledger, in the log and in the job's return value. Ledger or network
+errors propagate, failing the RQ job: the command was not applied, and the relay or reaper
+sends it again.
+
+`ExecutorWorker` screens jobs before they get here; `deliver` still validates on its own so
+that any RQ worker with our serializer that runs it stays safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from executor.commands.models import (
+    COMMAND_TYPES,
+    Command,
+    StartRun,
+    StartStep,
+    parse_obj,
+)
+from executor.errors import ConcurrencyKeyTaken, InvalidCommand
+from executor.transport.runtime import Runtime, get_runtime
+from executor.workflows.runner import plan_run
+
+log = logging.getLogger("executor.jobs")
+
+# Stands in for the graph while the rest of a step-less start_run is validated strictly.
+_PLACEHOLDER = [{"step_key": "_planned_by_worker"}]
+
+
+def deliver(command: dict[str, Any]) -> str:
+    """RQ entry point: apply one command; returns a one-line account of what happened."""
+    return handle(get_runtime(), command)
+
+
+def handle(runtime: Runtime, payload: Any) -> str:
+    """Decode, route and apply one command payload (already JSON-decoded)."""
+    try:
+        command = decode(payload)
+    except InvalidCommand as exc:
+        kind = payload.get("type") if isinstance(payload, dict) else None
+        runtime.ledger.record_invalid(
+            _raw(payload), str(exc), command_type=kind if kind in COMMAND_TYPES else None
+        )
+        return f"dropped invalid_payload: {exc}"
+
+    try:
+        if isinstance(command, StartStep):
+            outcome = runtime.runner.run(command)
+        else:
+            if isinstance(command, StartRun) and not command.steps:
+                command = plan_run(command)
+            outcome = runtime.ledger.apply(command)
+            runtime.dispatcher.push(outcome.followups)
+    except ConcurrencyKeyTaken as exc:
+        # The ledger recorded the refusal; a retried job would only be refused again.
+        log.info("dropped %s: %s", command.describe(), exc)
+        return f"dropped invalid_transition: {exc}"
+    summary = outcome.summary()
+    if outcome.dropped:
+        log.info("%s: %s", command.describe(), summary)
+    return summary
+
+
+def decode(payload: Any) -> Command:
+    """Strictly parse a command payload; raises InvalidCommand with a readable reason.
+
+    A `start_run` with no steps is the one incomplete command we accept: it is validated in
+    full with a placeholder step graph, then handed on with no steps for `plan_run` to fill.
+    """
+    if not isinstance(payload, dict):
+        raise InvalidCommand(f"a command must be a JSON object, got {type(payload).__name__}")
+    kind = payload.get("type")
+    if kind not in COMMAND_TYPES:
+        raise InvalidCommand(
+            f"unknown command type {repr(kind)[:100]}; known types: {', '.join(COMMAND_TYPES)}"
+        )
+    if kind == "start_run" and payload.get("steps", []) == []:
+        checked = parse_obj({**payload, "steps": _PLACEHOLDER})
+        assert isinstance(checked, StartRun)
+        return StartRun.model_construct(**{**dict(checked), "steps": ()})
+    return parse_obj(payload)
+
+
+def _raw(payload: Any) -> str:
+    try:
+        return json.dumps(payload, ensure_ascii=False)[:10_000]
+    except (TypeError, ValueError):
+        return repr(payload)[:10_000]

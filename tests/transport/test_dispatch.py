@@ -1,0 +1,329 @@
+"""The dispatcher, the serializer and the relay, against real Redis and Postgres.
+
+fakeredis would be faster, but RQ's unique enqueue is a Lua script and fakeredis has no Lua
+without an extra package; the real servers answer in well under a millisecond here.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+import redis as redis_lib
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from rq.job import Job, JobStatus
+from rq.queue import Queue
+
+from executor.commands.models import CreateRun, StartRun, StartStep, StepSpec
+from executor.ledger.handler import Ledger
+from executor.ledger.outcome import OutboxItem
+from executor.recovery.reaper import reap
+from executor.recovery.relay import relay
+from executor.recovery.sweep import SweepReport, sweep
+from executor.transport.dispatch import DELIVER, Dispatcher, job_id_for
+from executor.transport.serializer import JSONCommandSerializer, RefusedPayload
+from queue_config import ExecutorSettings
+
+Pool = ConnectionPool[psycopg.Connection[dict[str, Any]]]
+
+
+@pytest.fixture
+def settings() -> ExecutorSettings:
+    return ExecutorSettings(outbox_grace_seconds=0.5, step_timeout_grace_seconds=2)
+
+
+def start_step_item(outbox_id: int = 1, attempt: int = 1, **extra: Any) -> OutboxItem:
+    command = StartStep(run_id="r1", step_key="a", attempt=attempt)
+    return OutboxItem(
+        outbox_id=outbox_id,
+        run_id="r1",
+        queue="high",
+        idempotency_key=command.idempotency_key,
+        command=command.model_dump(mode="json"),
+        **extra,
+    )
+
+
+def queued_ids(redis: redis_lib.Redis[bytes], name: str) -> list[str]:
+    return Queue(name, connection=redis, serializer=JSONCommandSerializer).get_job_ids()
+
+
+# --- job ids and the serializer ---------------------------------------------------------------
+
+
+def test_job_ids_are_deterministic_valid_and_distinct() -> None:
+    keys = ["start_step:r1:a:1", "start_step:r1:a:2", "x" * 300, "a b/c", "a_b_c", "é:ü"]
+    ids = [job_id_for(k) for k in keys]
+    assert ids == [job_id_for(k) for k in keys]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", i) for i in ids)
+    assert ids[0].startswith("start_step_r1_a_1-")
+
+
+def test_serializer_round_trips_json() -> None:
+    value: list[Any] = ["executor.transport.jobs.deliver", None, [{"type": "start_step"}], {}]
+    assert JSONCommandSerializer.loads(JSONCommandSerializer.dumps(value)) == value
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 5])
+def test_serializer_refuses_pickles_by_name(protocol: int) -> None:
+    data = pickle.dumps(("os.system", None, ["true"], {}), protocol=protocol)
+    with pytest.raises(RefusedPayload, match="pickled payload"):
+        JSONCommandSerializer.loads(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [(b"\xff\xfe{}", "not UTF-8"), (b'{"a": ', "not valid JSON"), (b"", "empty payload")],
+)
+def test_serializer_refuses_non_json(data: bytes, expected: str) -> None:
+    with pytest.raises(RefusedPayload, match=expected):
+        JSONCommandSerializer.loads(data)
+
+
+# --- push ----------------------------------------------------------------------------------
+
+
+def test_push_enqueues_a_json_job_naming_deliver(
+    redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+) -> None:
+    item = start_step_item()
+    Dispatcher(redis, settings).push([item])
+    job_id = job_id_for(item.idempotency_key)
+    assert queued_ids(redis, "high") == [job_id]
+    raw = Job.fetch(job_id, connection=redis, serializer=JSONCommandSerializer)
+    assert raw.func_name == DELIVER
+    assert raw.args == [item.command]
+    assert raw.timeout == settings.queue("high").job_timeout
+    assert raw.result_ttl == settings.queue("high").result_ttl
+    assert JSONCommandSerializer.loads(raw.data)[0] == DELIVER
+
+
+def test_pushing_twice_leaves_one_job(
+    redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+) -> None:
+    dispatcher = Dispatcher(redis, settings)
+    dispatcher.push([start_step_item()])
+    dispatcher.push([start_step_item(outbox_id=2)])
+    assert dispatcher.ensure_job(start_step_item().command, "high") == "present"
+    assert len(queued_ids(redis, "high")) == 1
+
+
+def test_a_failed_job_is_replaced_and_a_finished_one_kept(
+    redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+) -> None:
+    dispatcher = Dispatcher(redis, settings)
+    first, second = start_step_item(attempt=1), start_step_item(attempt=2)
+    dispatcher.push([first, second])
+    queue = Queue("high", connection=redis, serializer=JSONCommandSerializer)
+    for item, status in ((first, JobStatus.FAILED), (second, JobStatus.FINISHED)):
+        queue.remove(job_id_for(item.idempotency_key))
+        redis.hset(Job.key_for(job_id_for(item.idempotency_key)), "status", status.value)
+    assert dispatcher.ensure_job(first.command, "high") == "replaced"
+    assert dispatcher.ensure_job(second.command, "high") == "present"
+    assert queued_ids(redis, "high") == [job_id_for(first.idempotency_key)]
+
+
+def test_a_long_started_job_is_replaced_only_when_asked(
+    redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+) -> None:
+    dispatcher = Dispatcher(redis, settings)
+    item = start_step_item()
+    dispatcher.push([item])
+    key = Job.key_for(job_id_for(item.idempotency_key))
+    long_ago = (datetime.now(UTC) - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    redis.hset(key, mapping={"status": "started", "started_at": long_ago})
+    assert dispatcher.ensure_job(item.command, "high") == "present"
+    assert dispatcher.ensure_job(item.command, "high", replace_started_after=60) == "replaced"
+    assert redis.hget(key, "status") == b"queued"
+
+
+def test_items_not_yet_due_stay_out_of_redis(
+    redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+) -> None:
+    later = start_step_item(not_before=datetime.now(UTC) + timedelta(minutes=1))
+    Dispatcher(redis, settings).push([later])
+    assert queued_ids(redis, "high") == []
+
+
+def test_unknown_queue_gets_the_default_queue_settings(
+    redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+) -> None:
+    command = StartStep(run_id="r1", step_key="a", attempt=1).model_dump(mode="json")
+    Dispatcher(redis, settings).ensure_job(command, "gpu")
+    job = Job.fetch(job_id_for(command["idempotency_key"]), connection=redis)
+    assert job.origin == "gpu"
+    assert job.timeout == settings.queue("default").job_timeout
+
+
+# --- with the ledger: outbox rows, step timeouts, Redis down -----------------------------------
+
+
+def create_and_start(ledger: Ledger, timeout: float | None = None) -> tuple[OutboxItem, ...]:
+    ledger.apply(CreateRun(run_id="r1", workflow="wf", idempotency_key="create:r1"))
+    spec = StepSpec(step_key="a", queue="high", timeout_seconds=timeout)
+    outcome = ledger.apply(StartRun(run_id="r1", workflow="wf", steps=(spec,)))
+    assert outcome.applied
+    return outcome.followups
+
+
+def outbox_ids(pool: Pool) -> list[int]:
+    with pool.connection() as conn:
+        return [r["outbox_id"] for r in conn.execute("SELECT outbox_id FROM executor.outbox")]
+
+
+def test_push_deletes_the_rows_it_pushed_and_uses_the_step_timeout(
+    pool: Pool, redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+) -> None:
+    ledger = Ledger(pool)
+    ledger.apply(CreateRun(run_id="r0", workflow="wf", idempotency_key="create:r0"))
+    followups = create_and_start(ledger, timeout=7.5)
+    assert len(outbox_ids(pool)) == 3  # two start_run jobs, one start_step
+    Dispatcher(redis, settings, pool).push(followups)
+    assert len(outbox_ids(pool)) == 2
+    job = Job.fetch(
+        job_id_for(followups[0].idempotency_key), connection=redis, serializer=JSONCommandSerializer
+    )
+    assert job.timeout == 10  # ceil(7.5 + 2)
+    assert job.meta["step_timeout"] == 7.5
+
+
+def test_redis_down_leaves_rows_for_the_relay_and_does_not_raise(
+    pool: Pool, redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+) -> None:
+    followups = create_and_start(Ledger(pool))
+    dead: redis_lib.Redis[bytes] = redis_lib.Redis(
+        host="127.0.0.1", port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
+    )
+    Dispatcher(dead, settings, pool).push(followups)
+    assert len(outbox_ids(pool)) == 2
+    assert queued_ids(redis, "high") == []
+
+
+def test_relay_pushes_rows_past_the_grace_and_due_rows(
+    pool: Pool, redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+) -> None:
+    settings = settings.model_copy(update={"outbox_grace_seconds": 30.0})
+    create_and_start(Ledger(pool))
+    dispatcher = Dispatcher(redis, settings, pool)
+    assert relay(pool, dispatcher, settings).claimed == 0  # younger than the grace
+    with pool.connection() as conn:
+        conn.execute("UPDATE executor.outbox SET created_at = created_at - interval '1 minute'")
+    report = relay(pool, dispatcher, settings)
+    assert (report.claimed, report.pushed) == (2, 2)
+    assert outbox_ids(pool) == []
+    assert len(queued_ids(redis, "high")) == 1
+    assert len(queued_ids(redis, "default")) == 1
+
+    # Written two seconds ago for one second ago (a retry's backoff): due, no grace needed.
+    # Written just now for an hour from now: not due.
+    for attempt, created, due in ((2, "-2 seconds", "-1 second"), (3, "0 seconds", "1 hour")):
+        later = StartStep(run_id="r1", step_key="a", attempt=attempt)
+        with pool.connection() as conn:
+            conn.execute(
+                "INSERT INTO executor.outbox"
+                " (run_id, queue, idempotency_key, command, created_at, not_before)"
+                " VALUES ('r1', 'high', %s, %s, now() + %s::interval, now() + %s::interval)",
+                (later.idempotency_key, Jsonb(later.model_dump(mode="json")), created, due),
+            )
+    assert relay(pool, dispatcher, settings).pushed == 1
+    assert len(outbox_ids(pool)) == 1
+    assert len(queued_ids(redis, "high")) == 2
+
+
+def test_one_sweeper_at_a_time(
+    pool: Pool, redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+) -> None:
+    class Context:
+        def __init__(self) -> None:
+            self.settings = settings
+            self.pool = pool
+            self.ledger = Ledger(pool)
+            self.dispatcher = Dispatcher(redis, settings, pool)
+
+    with pool.connection() as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (0x65782D7377656570,))
+        assert not sweep(Context()).leader
+    report: SweepReport = sweep(Context())
+    assert report.leader
+    assert "relayed 0/0" in str(report)
+
+
+# --- the reaper, in process ----------------------------------------------------------------
+
+
+def reaper_settings(settings: ExecutorSettings) -> ExecutorSettings:
+    return settings.model_copy(update={"recovery_grace_seconds": 0.0})
+
+
+def run_step(pool: Pool) -> dict[str, Any]:
+    with pool.connection() as conn:
+        row = conn.execute(
+            "SELECT status, attempt FROM executor.steps WHERE run_id = 'r1' AND step_key = 'a'"
+        ).fetchone()
+    assert row is not None
+    return dict(row)
+
+
+def lose_everything(pool: Pool, redis: redis_lib.Redis[bytes]) -> None:
+    """What a crash between commit and push, plus a Redis flush, leaves behind."""
+    with pool.connection() as conn:
+        conn.execute("DELETE FROM executor.outbox")
+    redis.flushdb()
+
+
+def test_reaper_restarts_a_pending_run_and_requeues_a_queued_step(
+    pool: Pool, redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+) -> None:
+    settings = reaper_settings(settings)
+    ledger, dispatcher = Ledger(pool), Dispatcher(redis, settings, pool)
+    ledger.apply(CreateRun(run_id="r0", workflow="wf", idempotency_key="create:r0"))
+    create_and_start(ledger)
+    lose_everything(pool, redis)
+    report = reap(pool, ledger, dispatcher, settings)
+    assert (report.restarted, report.requeued) == (1, 1)
+    assert queued_ids(redis, "default") == [job_id_for("start_run:r0")]
+    assert queued_ids(redis, "high") == [job_id_for("start_step:r1:a:1")]
+    again = reap(pool, ledger, dispatcher, settings)  # the jobs are there now
+    assert (again.restarted, again.requeued) == (0, 0)
+
+
+def test_reaper_expires_a_dead_lease_and_redispatches_an_overdue_retry(
+    pool: Pool, redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+) -> None:
+    settings = reaper_settings(settings)
+    dispatcher = Dispatcher(redis, settings, pool)
+    create_and_start(Ledger(pool))
+    assert (
+        Ledger(pool, lease_seconds=-1)
+        .apply(StartStep(run_id="r1", step_key="a", attempt=1))
+        .applied
+    )
+    lose_everything(pool, redis)
+
+    report = reap(pool, Ledger(pool), dispatcher, settings)
+    assert report.expired == 1
+    assert run_step(pool) == {"status": "retrying", "attempt": 1}
+
+    lose_everything(pool, redis)  # the dispatch_step follow-up is lost too
+    with pool.connection() as conn:
+        conn.execute("UPDATE executor.steps SET next_attempt_at = now() - interval '1 minute'")
+    report = reap(pool, Ledger(pool), dispatcher, settings)
+    assert report.redispatched == 1
+    assert run_step(pool) == {"status": "queued", "attempt": 2}
+    with pool.connection() as conn:
+        keys = [
+            r["idempotency_key"]
+            for r in conn.execute(
+                "SELECT idempotency_key FROM executor.receipts WHERE command_type = 'dispatch_step'"
+            )
+        ]
+    assert keys == ["dispatch_step:r1:a:2:sweep:1"]
+    assert queued_ids(redis, "high") == [job_id_for("start_step:r1:a:2")]
