@@ -39,6 +39,13 @@ class DisallowedJob(ExecutorError):
     """A job named a function outside the worker's allow-list; it was not run."""
 
 
+class StepTimeout(BaseException):
+    """The step ran past its timeout and was interrupted.
+
+    A BaseException so that a step's own `except Exception` cannot swallow it.
+    """
+
+
 class LeaseLost(BaseException):
     """This attempt's lease was taken over; the step function must stop.
 

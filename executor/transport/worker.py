@@ -71,6 +71,7 @@ from executor.transport.dispatch import DELIVER
 from executor.transport.jobs import decode
 from executor.transport.runtime import configure_runtime, get_runtime
 from executor.transport.serializer import JSONCommandSerializer, RefusedPayload
+from executor.transport.timeouts import StepDeathPenalty
 from queue_config import ExecutorSettings, load_settings
 
 log = logging.getLogger("executor.worker")
@@ -136,6 +137,7 @@ class _ExecutorWorkerMixin(_Base):
     """The behaviour both worker classes share; see the module docstring."""
 
     allowed_functions: ClassVar[frozenset[str]] = ALLOWED_FUNCTIONS
+    death_penalty_class = StepDeathPenalty
 
     def __init__(
         self,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from executor.commands.models import CompleteStep, FailStep, StartRun, StartStep
-from executor.errors import LeaseLost, UnknownWorkflow
+from executor.errors import LeaseLost, StepTimeout, UnknownWorkflow
 from executor.ledger.handler import Ledger
 from executor.ledger.outcome import OutboxItem, Outcome
 from executor.workflows.definition import FatalError, StepContext
@@ -132,6 +132,8 @@ class StepRunner:
             output = step.fn(ctx)
         except LeaseLost:
             raise
+        except StepTimeout as exc:
+            return _failure(ids, exc, retryable=True)
         except Exception as exc:
             if ctx.lease_lost:
                 raise LeaseLost(str(exc)) from exc
