@@ -173,7 +173,7 @@ class _RedisDbClaim:
         self.server_url = server_url
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         self.db: int | None = None
-        probe: redis_lib.Redis[bytes] = redis_lib.Redis.from_url(server_url)
+        probe: redis_lib.Redis = redis_lib.Redis.from_url(server_url)
         try:
             databases = int(probe.config_get("databases").get("databases", 16))
         except redis_lib.RedisError:
@@ -184,7 +184,7 @@ class _RedisDbClaim:
             raise RuntimeError(f"Redis at {server_url} has {databases} dbs; tests need 3 or more")
         self.registry_db = databases - 1
         self.candidates = range(databases - 2, 0, -1)
-        self.registry: redis_lib.Redis[bytes] = redis_lib.Redis.from_url(
+        self.registry: redis_lib.Redis = redis_lib.Redis.from_url(
             with_redis_db(server_url, self.registry_db)
         )
 
@@ -222,7 +222,7 @@ def redis_server_url() -> str:
     try:
         if not url:
             url = embedded.ensure_redis(_test_data_dir())
-        client: redis_lib.Redis[bytes] = redis_lib.Redis.from_url(url, socket_connect_timeout=5)
+        client: redis_lib.Redis = redis_lib.Redis.from_url(url, socket_connect_timeout=5)
         try:
             client.ping()
         finally:
@@ -245,7 +245,7 @@ def _redis_db_claim(redis_server_url: str) -> Iterator[_RedisDbClaim]:
 def redis_url(redis_server_url: str, _redis_db_claim: _RedisDbClaim) -> str:
     """A Redis URL on this session's own db index, flushed before the test."""
     url = with_redis_db(redis_server_url, _redis_db_claim.ensure())
-    client: redis_lib.Redis[bytes] = redis_lib.Redis.from_url(url)
+    client: redis_lib.Redis = redis_lib.Redis.from_url(url)
     try:
         client.flushdb()
     finally:
@@ -254,9 +254,9 @@ def redis_url(redis_server_url: str, _redis_db_claim: _RedisDbClaim) -> str:
 
 
 @pytest.fixture
-def redis(redis_url: str) -> Iterator[redis_lib.Redis[bytes]]:
+def redis(redis_url: str) -> Iterator[redis_lib.Redis]:
     """A client (bytes responses, as RQ needs) on the clean test db."""
-    client: redis_lib.Redis[bytes] = redis_lib.Redis.from_url(redis_url)
+    client: redis_lib.Redis = redis_lib.Redis.from_url(redis_url)
     try:
         yield client
     finally:

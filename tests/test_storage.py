@@ -235,7 +235,7 @@ def test_embedded_servers_start_once_are_shared_and_stop(
         with psycopg.connect(db_url, autocommit=True) as conn:
             conn.execute("CREATE TABLE marker (v text)")
             conn.execute("INSERT INTO marker VALUES ('from the test process')")
-        writer: redis_lib.Redis[bytes] = redis_lib.Redis.from_url(r_url)
+        writer: redis_lib.Redis = redis_lib.Redis.from_url(r_url)
         writer.set("marker", "from the test process")
         writer.close()
 
@@ -277,7 +277,7 @@ def test_embedded_redis_with_too_long_a_path_uses_a_short_socket(
         assert len(os.fsencode(data_dir / "redis" / "redis.sock")) > 107
         assert len(os.fsencode(sock)) <= 107
         assert sock.is_socket()
-        client: redis_lib.Redis[bytes] = redis_lib.Redis.from_url(url)
+        client: redis_lib.Redis = redis_lib.Redis.from_url(url)
         assert client.ping()
         client.close()
         assert "too long" in capsys.readouterr().err
@@ -292,7 +292,7 @@ def test_embedded_redis_ignores_a_stale_pidfile(tmp_path: Path) -> None:
     (tmp_path / "redis" / "redis.pid").write_text(f"{dead.pid}\n")
     url = embedded.ensure_redis(tmp_path)
     try:
-        client: redis_lib.Redis[bytes] = redis_lib.Redis.from_url(url)
+        client: redis_lib.Redis = redis_lib.Redis.from_url(url)
         assert client.ping()
         client.close()
     finally:
@@ -317,7 +317,7 @@ def test_each_test_starts_with_an_empty_ledger(
 
 @pytest.mark.parametrize("round_", [1, 2])
 def test_each_test_gets_an_empty_private_redis_db(
-    redis: redis_lib.Redis[bytes], redis_url: str, round_: int
+    redis: redis_lib.Redis, redis_url: str, round_: int
 ) -> None:
     assert redis.dbsize() == 0
     assert redis.connection_pool.connection_kwargs.get("db", 0) != 0

@@ -26,7 +26,7 @@ from executor.client import Client
 BASELINE_QUEUE = "bench-baseline"
 
 
-def _wait_workers(redis: Redis[bytes], count: int, timeout: float = 60.0) -> None:
+def _wait_workers(redis: Redis, count: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while len(Worker.all(connection=redis)) < count:
         if time.monotonic() > deadline:

@@ -32,7 +32,7 @@ def _text(value: Any) -> str | None:
 
 
 def snapshot(
-    redis: Redis[bytes] | None,
+    redis: Redis | None,
     *,
     configured: Sequence[str] = (),
     now: datetime | None = None,
@@ -63,14 +63,14 @@ def snapshot(
     return TransportSnapshot(ok=True, queues=queues, workers=workers)
 
 
-def _queues(redis: Redis[bytes], configured: Sequence[str]) -> list[Queue]:
+def _queues(redis: Redis, configured: Sequence[str]) -> list[Queue]:
     known = {q.name: q for q in Queue.all(connection=redis)}
     for name in configured:
         known.setdefault(name, Queue(name, connection=redis))
     return [known[name] for name in sorted(known)]
 
 
-def _worker(worker: Any, redis: Redis[bytes], now: datetime) -> WorkerInfo:
+def _worker(worker: Any, redis: Redis, now: datetime) -> WorkerInfo:
     job_id = worker.get_current_job_id()
     description = None
     if job_id:

@@ -99,7 +99,7 @@ def sweep_once(
     """One sweep from outside a worker (`executor sweep`): own pool and Redis, closed after."""
     settings = settings or load_settings()
     pool = open_pool(database_url, name="sweep", max_size=4)
-    client: redis.Redis[bytes] = redis.Redis.from_url(redis_url)
+    client: redis.Redis = redis.Redis.from_url(redis_url)
     try:
         context = _Context(
             settings=settings,

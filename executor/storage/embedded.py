@@ -18,6 +18,7 @@ keeps the demo and tests free of fork-and-fsync pauses.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import hashlib
@@ -272,7 +273,7 @@ def _import_pgserver() -> Any:
 def _start_postgres(pgdata: Path) -> None:
     pgserver = _import_pgserver()
     # pgserver caches one handle per folder and would hand back a stopped one.
-    pgserver.PostgresServer._instances.pop(pgdata, None)
+    _forget_handle(pgserver, pgdata)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -304,14 +305,21 @@ def _stop_postgres(pgdata: Path) -> bool:
     _terminate(info.pid, [signal.SIGINT, signal.SIGQUIT, signal.SIGKILL], timeout=_PG_STOP_TIMEOUT)
     pgserver = sys.modules.get("pgserver")
     if pgserver is not None:
-        pgserver.PostgresServer._instances.pop(pgdata, None)
+        _forget_handle(pgserver, pgdata)
     return True
+
+
+def _forget_handle(pgserver: Any, pgdata: Path) -> None:
+    """Drop pgserver's cached handle for `pgdata` and the atexit hook that expects it."""
+    stale = pgserver.PostgresServer._instances.pop(pgdata, None)
+    if stale is not None:
+        atexit.unregister(stale._cleanup)
 
 
 # --- Redis ---------------------------------------------------------------------------------
 
 
-def _redis_client(sock: Path) -> redis.Redis[bytes]:
+def _redis_client(sock: Path) -> redis.Redis:
     return redis.Redis(unix_socket_path=str(sock), socket_connect_timeout=1.0, socket_timeout=2.0)
 
 

@@ -102,7 +102,7 @@ class Dispatcher:
     """
 
     def __init__(
-        self, redis: redis.Redis[bytes], settings: ExecutorSettings, pool: Pool | None = None
+        self, redis: redis.Redis, settings: ExecutorSettings, pool: Pool | None = None
     ) -> None:
         self.redis = redis
         self.settings = settings
@@ -187,14 +187,14 @@ class Dispatcher:
         if self._try_enqueue(job_id, command, queue, step_timeout):
             return "enqueued"
         fields = self.redis.hmget(Job.key_for(job_id), ["status", "started_at"])
-        status = fields[0].decode() if fields[0] else None
+        status = _text(fields[0])
         if (
             status is None
             or status in _DEAD
             or (
                 status == JobStatus.STARTED.value
                 and replace_started_after is not None
-                and _older_than(fields[1], replace_started_after)
+                and _older_than(_text(fields[1]), replace_started_after)
             )
         ):
             self._delete_job(job_id)
@@ -206,7 +206,7 @@ class Dispatcher:
     def job_state(self, idempotency_key: str) -> str | None:
         """RQ status of the job carrying this key, or None when Redis has no such job."""
         raw = self.redis.hget(Job.key_for(job_id_for(idempotency_key)), "status")
-        return raw.decode() if raw else None
+        return _text(raw)
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -276,11 +276,18 @@ def _is_due(item: OutboxItem, now: datetime) -> bool:
     return item.not_before is None or item.not_before <= now + CLOCK_TOLERANCE
 
 
-def _older_than(raw: bytes | None, seconds: float) -> bool:
+def _text(raw: bytes | str | None) -> str | None:
+    """redis-py answers bytes or str depending on the client's decode_responses."""
+    if not raw:
+        return None
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _older_than(raw: str | None, seconds: float) -> bool:
     if not raw:
         return True
     try:
-        started = datetime.fromisoformat(raw.decode().replace("Z", "+00:00"))
+        started = datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:
         return True
     if started.tzinfo is None:

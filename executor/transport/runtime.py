@@ -43,7 +43,7 @@ class Runtime:
     database_url: str
     pool: Pool
     ledger: Ledger
-    redis: redis.Redis[bytes]
+    redis: redis.Redis
     dispatcher: Dispatcher
     runner: StepRunner
     pid: int = field(default_factory=os.getpid)
@@ -62,7 +62,7 @@ def build_runtime(
     settings: ExecutorSettings,
     *,
     database_url: str | None = None,
-    redis_client: redis.Redis[bytes] | None = None,
+    redis_client: redis.Redis | None = None,
     pool_min_size: int = 1,
 ) -> Runtime:
     """Open a pool, import the workflow modules and wire the ledger, dispatcher and runner."""
@@ -105,7 +105,7 @@ def configure_runtime(
     settings: ExecutorSettings | None = None,
     *,
     database_url: str | None = None,
-    redis_client: redis.Redis[bytes] | None = None,
+    redis_client: redis.Redis | None = None,
 ) -> Runtime:
     """Build this process's runtime now (a worker does this at start, to fail fast).
 

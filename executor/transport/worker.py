@@ -214,7 +214,7 @@ class _ExecutorWorkerMixin(_Base):
 
     def _reject_unloadable(self, job_id: str, queue: Queue, exc: Exception) -> None:
         fields = self.connection.hgetall(Job.key_for(job_id))
-        raw = repr({k.decode(errors="replace"): v[:2_000] for k, v in fields.items()})[:10_000]
+        raw = repr({_decoded(k): v[:2_000] for k, v in fields.items()})[:10_000]
         detail = f"job {job_id} on queue {queue.name}: RQ cannot load the job hash: {exc!r}"
         detail = detail[:2000]
         self.log.warning("Worker %s: rejected %s", self.name, detail)
@@ -301,7 +301,7 @@ def run_worker(
 
     cls = resolve_worker_class(worker_class or settings.worker_class)
     database_url, redis_url = resolve_urls()
-    connection: redis.Redis[bytes] = redis.Redis.from_url(redis_url)
+    connection: redis.Redis = redis.Redis.from_url(redis_url)
     worker = cls(
         list(queues or settings.queue_names),
         connection=connection,
@@ -311,7 +311,7 @@ def run_worker(
     worker.work(burst=burst)
 
 
-def _remove_job(connection: redis.Redis[bytes], job_id: str, queue: Queue) -> None:
+def _remove_job(connection: redis.Redis, job_id: str, queue: Queue) -> None:
     with connection.pipeline() as pipe:
         pipe.delete(Job.key_for(job_id))
         pipe.lrem(queue.key, 0, job_id)
@@ -329,3 +329,7 @@ def _ensure_logging() -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     ours.addHandler(handler)
     ours.setLevel(logging.INFO)
+
+
+def _decoded(key: bytes | str) -> str:
+    return key.decode(errors="replace") if isinstance(key, bytes) else key

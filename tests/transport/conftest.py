@@ -81,9 +81,7 @@ class Workers:
         self.procs.append(proc)
         return proc
 
-    def wait_registered(
-        self, client: redis_lib.Redis[bytes], count: int, timeout: float = 30
-    ) -> None:
+    def wait_registered(self, client: redis_lib.Redis, count: int, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while BaseWorker.count(connection=client) < count:
             for p in self.procs:

@@ -51,7 +51,7 @@ def start_step_item(outbox_id: int = 1, attempt: int = 1, **extra: Any) -> Outbo
     )
 
 
-def queued_ids(redis: redis_lib.Redis[bytes], name: str) -> list[str]:
+def queued_ids(redis: redis_lib.Redis, name: str) -> list[str]:
     return Queue(name, connection=redis, serializer=JSONCommandSerializer).get_job_ids()
 
 
@@ -92,7 +92,7 @@ def test_serializer_refuses_non_json(data: bytes, expected: str) -> None:
 
 
 def test_push_enqueues_a_json_job_naming_deliver(
-    redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+    redis: redis_lib.Redis, settings: ExecutorSettings
 ) -> None:
     item = start_step_item()
     Dispatcher(redis, settings).push([item])
@@ -106,9 +106,7 @@ def test_push_enqueues_a_json_job_naming_deliver(
     assert JSONCommandSerializer.loads(raw.data)[0] == DELIVER
 
 
-def test_pushing_twice_leaves_one_job(
-    redis: redis_lib.Redis[bytes], settings: ExecutorSettings
-) -> None:
+def test_pushing_twice_leaves_one_job(redis: redis_lib.Redis, settings: ExecutorSettings) -> None:
     dispatcher = Dispatcher(redis, settings)
     dispatcher.push([start_step_item()])
     dispatcher.push([start_step_item(outbox_id=2)])
@@ -117,7 +115,7 @@ def test_pushing_twice_leaves_one_job(
 
 
 def test_a_failed_job_is_replaced_and_a_finished_one_kept(
-    redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+    redis: redis_lib.Redis, settings: ExecutorSettings
 ) -> None:
     dispatcher = Dispatcher(redis, settings)
     first, second = start_step_item(attempt=1), start_step_item(attempt=2)
@@ -132,7 +130,7 @@ def test_a_failed_job_is_replaced_and_a_finished_one_kept(
 
 
 def test_a_long_started_job_is_replaced_only_when_asked(
-    redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+    redis: redis_lib.Redis, settings: ExecutorSettings
 ) -> None:
     dispatcher = Dispatcher(redis, settings)
     item = start_step_item()
@@ -146,7 +144,7 @@ def test_a_long_started_job_is_replaced_only_when_asked(
 
 
 def test_items_not_yet_due_stay_out_of_redis(
-    redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+    redis: redis_lib.Redis, settings: ExecutorSettings
 ) -> None:
     later = start_step_item(not_before=datetime.now(UTC) + timedelta(minutes=1))
     Dispatcher(redis, settings).push([later])
@@ -154,7 +152,7 @@ def test_items_not_yet_due_stay_out_of_redis(
 
 
 def test_unknown_queue_gets_the_default_queue_settings(
-    redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+    redis: redis_lib.Redis, settings: ExecutorSettings
 ) -> None:
     command = StartStep(run_id="r1", step_key="a", attempt=1).model_dump(mode="json")
     Dispatcher(redis, settings).ensure_job(command, "gpu")
@@ -180,7 +178,7 @@ def outbox_ids(pool: Pool) -> list[int]:
 
 
 def test_push_deletes_the_rows_it_pushed_and_uses_the_step_timeout(
-    pool: Pool, redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+    pool: Pool, redis: redis_lib.Redis, settings: ExecutorSettings
 ) -> None:
     ledger = Ledger(pool)
     ledger.apply(CreateRun(run_id="r0", workflow="wf", idempotency_key="create:r0"))
@@ -196,10 +194,10 @@ def test_push_deletes_the_rows_it_pushed_and_uses_the_step_timeout(
 
 
 def test_redis_down_leaves_rows_for_the_relay_and_does_not_raise(
-    pool: Pool, redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+    pool: Pool, redis: redis_lib.Redis, settings: ExecutorSettings
 ) -> None:
     followups = create_and_start(Ledger(pool))
-    dead: redis_lib.Redis[bytes] = redis_lib.Redis(
+    dead: redis_lib.Redis = redis_lib.Redis(
         host="127.0.0.1", port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
     )
     Dispatcher(dead, settings, pool).push(followups)
@@ -208,7 +206,7 @@ def test_redis_down_leaves_rows_for_the_relay_and_does_not_raise(
 
 
 def test_relay_pushes_rows_past_the_grace_and_due_rows(
-    pool: Pool, redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+    pool: Pool, redis: redis_lib.Redis, settings: ExecutorSettings
 ) -> None:
     settings = settings.model_copy(update={"outbox_grace_seconds": 30.0})
     create_and_start(Ledger(pool))
@@ -239,7 +237,7 @@ def test_relay_pushes_rows_past_the_grace_and_due_rows(
 
 
 def test_one_sweeper_at_a_time(
-    pool: Pool, redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+    pool: Pool, redis: redis_lib.Redis, settings: ExecutorSettings
 ) -> None:
     class Context:
         def __init__(self) -> None:
@@ -272,7 +270,7 @@ def run_step(pool: Pool) -> dict[str, Any]:
     return dict(row)
 
 
-def lose_everything(pool: Pool, redis: redis_lib.Redis[bytes]) -> None:
+def lose_everything(pool: Pool, redis: redis_lib.Redis) -> None:
     """What a crash between commit and push, plus a Redis flush, leaves behind."""
     with pool.connection() as conn:
         conn.execute("DELETE FROM executor.outbox")
@@ -280,7 +278,7 @@ def lose_everything(pool: Pool, redis: redis_lib.Redis[bytes]) -> None:
 
 
 def test_reaper_restarts_a_pending_run_and_requeues_a_queued_step(
-    pool: Pool, redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+    pool: Pool, redis: redis_lib.Redis, settings: ExecutorSettings
 ) -> None:
     settings = reaper_settings(settings)
     ledger, dispatcher = Ledger(pool), Dispatcher(redis, settings, pool)
@@ -296,7 +294,7 @@ def test_reaper_restarts_a_pending_run_and_requeues_a_queued_step(
 
 
 def test_reaper_expires_a_dead_lease_and_redispatches_an_overdue_retry(
-    pool: Pool, redis: redis_lib.Redis[bytes], settings: ExecutorSettings
+    pool: Pool, redis: redis_lib.Redis, settings: ExecutorSettings
 ) -> None:
     settings = reaper_settings(settings)
     dispatcher = Dispatcher(redis, settings, pool)

@@ -67,7 +67,7 @@ def all_terminal(database_url: str, run_ids: list[str]) -> dict[str, str] | None
 
 
 def test_a_sigkilled_worker_s_step_is_retried_and_its_late_result_is_stale(
-    workers: Workers, client: Client, redis: redis_lib.Redis[bytes], db_url: str
+    workers: Workers, client: Client, redis: redis_lib.Redis, db_url: str
 ) -> None:
     doomed = workers.start()
     workers.wait_registered(redis, 1)
@@ -119,7 +119,7 @@ def test_a_sigkilled_worker_s_step_is_retried_and_its_late_result_is_stale(
 
 
 def test_flushing_redis_mid_flight_loses_no_run(
-    workers: Workers, client: Client, redis: redis_lib.Redis[bytes], db_url: str
+    workers: Workers, client: Client, redis: redis_lib.Redis, db_url: str
 ) -> None:
     procs = [workers.start(), workers.start()]
     workers.wait_registered(redis, 2)
@@ -145,7 +145,7 @@ def test_flushing_redis_mid_flight_loses_no_run(
 
 
 def test_every_job_delivered_twice_changes_nothing_and_every_duplicate_is_recorded(
-    workers: Workers, client: Client, redis: redis_lib.Redis[bytes], db_url: str
+    workers: Workers, client: Client, redis: redis_lib.Redis, db_url: str
 ) -> None:
     for _ in range(2):
         workers.start(worker_class="workflows_for_tests.DuplicatingWorker")
@@ -201,7 +201,7 @@ def own_postgres() -> Iterator[tuple[str, str]]:
 def test_workers_reconnect_after_postgres_restarts(
     own_postgres: tuple[str, str],
     workers: Workers,
-    redis: redis_lib.Redis[bytes],
+    redis: redis_lib.Redis,
     redis_url: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -236,7 +236,7 @@ def test_workers_reconnect_after_postgres_restarts(
 
 
 def test_a_step_over_its_timeout_is_stopped_even_if_it_swallows_exceptions(
-    workers: Workers, client: Client, redis: redis_lib.Redis[bytes], db_url: str
+    workers: Workers, client: Client, redis: redis_lib.Redis, db_url: str
 ) -> None:
     workers.start(EXECUTOR_STEP_TIMEOUT_GRACE_SECONDS="0.5")
     workers.wait_registered(redis, 1)
@@ -249,7 +249,7 @@ def test_a_step_over_its_timeout_is_stopped_even_if_it_swallows_exceptions(
 
 @pytest.mark.parametrize("via", ["rq", "executor"])
 def test_the_forking_worker_runs_the_same_work(
-    via: str, workers: Workers, client: Client, redis: redis_lib.Redis[bytes], db_url: str
+    via: str, workers: Workers, client: Client, redis: redis_lib.Redis, db_url: str
 ) -> None:
     workers.start(
         via=via,
