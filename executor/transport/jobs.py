@@ -25,6 +25,7 @@ from typing import Any
 
 from executor.commands.models import (
     COMMAND_TYPES,
+    BackoffPolicy,
     Command,
     StartRun,
     StartStep,
@@ -61,7 +62,12 @@ def handle(runtime: Runtime, payload: Any) -> str:
             outcome = runtime.runner.run(command)
         else:
             if isinstance(command, StartRun) and not command.steps:
-                command = plan_run(command)
+                retry = runtime.settings.retry
+                command = plan_run(
+                    command,
+                    max_attempts=retry.max_attempts,
+                    backoff=BackoffPolicy.model_validate(retry.backoff.model_dump()),
+                )
             outcome = runtime.ledger.apply(command)
             runtime.dispatcher.push(outcome.followups)
     except ConcurrencyKeyTaken as exc:

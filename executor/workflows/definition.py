@@ -54,19 +54,20 @@ class StepDefinition:
     key: str
     fn: StepFunction
     depends_on: tuple[str, ...]
-    max_attempts: int
+    max_attempts: int | None
     timeout_seconds: float | None
-    backoff: BackoffPolicy
+    backoff: BackoffPolicy | None
     queue: str
 
-    def spec(self) -> StepSpec:
+    def spec(self, max_attempts: int = 3, backoff: BackoffPolicy | None = None) -> StepSpec:
+        """The ledger's view of the step; unset policy falls back to the given defaults."""
         return StepSpec(
             step_key=self.key,
             depends_on=self.depends_on,
-            max_attempts=self.max_attempts,
+            max_attempts=self.max_attempts or max_attempts,
             queue=self.queue,
             timeout_seconds=self.timeout_seconds,
-            backoff=self.backoff,
+            backoff=self.backoff or backoff or BackoffPolicy(),
         )
 
 
@@ -78,14 +79,15 @@ class Workflow:
         name: str,
         *,
         queue: str = "default",
-        max_attempts: int = 3,
+        max_attempts: int | None = None,
         backoff: BackoffPolicy | None = None,
         register: bool = True,
     ) -> None:
+        """`max_attempts` and `backoff` left unset come from queue_config's retry defaults."""
         self.name = name
         self.queue = queue
         self.max_attempts = max_attempts
-        self.backoff = backoff or BackoffPolicy()
+        self.backoff = backoff
         self.steps: dict[str, StepDefinition] = {}
         if register:
             from executor.workflows.registry import register as _register
@@ -142,10 +144,12 @@ class Workflow:
 
         return decorate(fn) if fn is not None else decorate
 
-    def specs(self) -> tuple[StepSpec, ...]:
+    def specs(
+        self, *, max_attempts: int = 3, backoff: BackoffPolicy | None = None
+    ) -> tuple[StepSpec, ...]:
         if not self.steps:
             raise ExecutorError(f"workflow {self.name!r} has no steps")
-        return tuple(s.spec() for s in self.steps.values())
+        return tuple(s.spec(max_attempts, backoff) for s in self.steps.values())
 
     def __repr__(self) -> str:
         return f"Workflow({self.name!r}, steps={list(self.steps)})"

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-from executor.commands.models import CompleteStep, FailStep, StartRun, StartStep
+from executor.commands.models import BackoffPolicy, CompleteStep, FailStep, StartRun, StartStep
 from executor.errors import LeaseLost, StepTimeout, UnknownWorkflow
 from executor.ledger.handler import Ledger
 from executor.ledger.outcome import OutboxItem, Outcome
@@ -29,15 +29,20 @@ log = logging.getLogger("executor.runner")
 Push = Callable[[Sequence[OutboxItem]], None]
 
 
-def plan_run(command: StartRun) -> StartRun:
-    """Fill a start_run job's step graph from the workflow registered in this process."""
+def plan_run(
+    command: StartRun, *, max_attempts: int = 3, backoff: BackoffPolicy | None = None
+) -> StartRun:
+    """Fill a start_run job's step graph from the workflow registered in this process.
+
+    `max_attempts` and `backoff` are the configured defaults for steps that set neither.
+    """
     if command.steps:
         return command
     wf = get_workflow(command.workflow)
     return StartRun(
         run_id=command.run_id,
         workflow=command.workflow,
-        steps=wf.specs(),
+        steps=wf.specs(max_attempts=max_attempts, backoff=backoff),
         idempotency_key=command.idempotency_key,
     )
 
