@@ -58,6 +58,7 @@ class FollowUp:
     queue: str
     command: Command
     not_before: datetime | None = None
+    timeout_seconds: float | None = None
 
 
 @dataclass
@@ -370,6 +371,7 @@ def _queue(t: Transition, step: StepRow, **payload: Any) -> None:
         FollowUp(
             step.queue,
             StartStep(run_id=t.run.run_id, step_key=step.step_key, attempt=step.attempt),
+            timeout_seconds=step.timeout_seconds,
         )
     )
 

@@ -295,6 +295,7 @@ class Ledger:
                 [f.command.idempotency_key for f in t.followups],
                 [Jsonb(f.command.model_dump(mode="json")) for f in t.followups],
                 [f.not_before for f in t.followups],
+                [f.timeout_seconds for f in t.followups],
             ),
         )
 

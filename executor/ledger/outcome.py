@@ -28,6 +28,7 @@ class OutboxItem(BaseModel):
     idempotency_key: str
     command: dict[str, Any]
     not_before: datetime | None = None
+    timeout_seconds: float | None = None
 
 
 class StepContext(BaseModel):

@@ -97,11 +97,13 @@ FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::int[], %s::jsonb[])
 """
 
 INSERT_OUTBOX = """
-INSERT INTO executor.outbox (run_id, queue, idempotency_key, command, not_before)
-SELECT %s, u.queue, u.idempotency_key, u.command, COALESCE(u.not_before, now())
-FROM unnest(%s::text[], %s::text[], %s::jsonb[], %s::timestamptz[])
-    AS u(queue, idempotency_key, command, not_before)
-RETURNING outbox_id, run_id, queue, idempotency_key, command, not_before
+INSERT INTO executor.outbox
+    (run_id, queue, idempotency_key, command, not_before, timeout_seconds)
+SELECT %s, u.queue, u.idempotency_key, u.command, COALESCE(u.not_before, now()),
+       u.timeout_seconds
+FROM unnest(%s::text[], %s::text[], %s::jsonb[], %s::timestamptz[], %s::float8[])
+    AS u(queue, idempotency_key, command, not_before, timeout_seconds)
+RETURNING outbox_id, run_id, queue, idempotency_key, command, not_before, timeout_seconds
 """
 
 # Heartbeats extend a lease without an event; the attempt and status in the WHERE clause are

@@ -29,7 +29,7 @@ Pool = ConnectionPool[psycopg.Connection[dict[str, Any]]]
 # `not_before > created_at` marks rows written for later (a backoff); rows for now have
 # not_before = created_at = the writing transaction's now().
 CLAIM_DUE = """
-SELECT outbox_id, run_id, queue, idempotency_key, command, not_before
+SELECT outbox_id, run_id, queue, idempotency_key, command, not_before, timeout_seconds
 FROM executor.outbox
 WHERE not_before <= now()
   AND (created_at <= now() - make_interval(secs => %s) OR not_before > created_at)
@@ -73,7 +73,7 @@ def _relay_batch(pool: Pool, dispatcher: Dispatcher, settings: ExecutorSettings)
         if not rows:
             return 0, 0
         items = [OutboxItem.model_validate(r) for r in rows]
-        pushed = dispatcher.push_items(items, conn)
+        pushed = dispatcher.push_items(items)
         if pushed:
             conn.execute(DELETE_PUSHED, (pushed,))
         failed = [i.outbox_id for i in items if i.outbox_id not in set(pushed)]

@@ -28,7 +28,7 @@ import hashlib
 import logging
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -65,13 +65,6 @@ DELETE FROM executor.outbox WHERE outbox_id IN (
 )
 """
 
-_STEP_TIMEOUTS = """
-SELECT s.run_id, s.step_key, s.timeout_seconds
-FROM executor.steps AS s
-JOIN unnest(%s::text[], %s::text[]) AS u(run_id, step_key)
-  ON s.run_id = u.run_id AND s.step_key = u.step_key
-WHERE s.timeout_seconds IS NOT NULL
-"""
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -132,21 +125,15 @@ class Dispatcher:
                     "pushed %d job(s) but could not delete their outbox rows: %s", len(pushed), exc
                 )
 
-    def push_items(self, items: Sequence[OutboxItem], conn: Conn | None = None) -> list[int]:
+    def push_items(self, items: Sequence[OutboxItem]) -> list[int]:
         """Enqueue each item now (due or not); returns the outbox ids now safely in Redis.
 
-        Stops at the first Redis error: the rest stay in the outbox for the relay. `conn`, if
-        given, is used for the step timeout lookup (the relay passes its own transaction).
+        Stops at the first Redis error: the rest stay in the outbox for the relay.
         """
-        timeouts = self._step_timeouts(items, conn)
         pushed: list[int] = []
         for item in items:
             try:
-                self.ensure_job(
-                    item.command,
-                    item.queue,
-                    step_timeout=timeouts.get((item.run_id, str(item.command.get("step_key")))),
-                )
+                self.ensure_job(item.command, item.queue, step_timeout=item.timeout_seconds)
             except redis.RedisError as exc:
                 log.warning(
                     "could not push %s (%s); %d item(s) left in the outbox for the relay",
@@ -250,26 +237,6 @@ class Dispatcher:
             raise
         except Exception:  # a hash RQ cannot even load: remove it by key
             self.redis.delete(Job.key_for(job_id))
-
-    def _step_timeouts(
-        self, items: Iterable[OutboxItem], conn: Conn | None = None
-    ) -> dict[tuple[str, str], float]:
-        """Timeouts of the steps the StartStep items start, in one query (empty without a pool)."""
-        starts = [i for i in items if i.command.get("type") == "start_step"]
-        if not starts or (self.pool is None and conn is None):
-            return {}
-        params = ([i.run_id for i in starts], [str(i.command.get("step_key")) for i in starts])
-        try:
-            if conn is not None:
-                rows = conn.execute(_STEP_TIMEOUTS, params).fetchall()
-            else:
-                assert self.pool is not None
-                with self.pool.connection() as own:
-                    rows = own.execute(_STEP_TIMEOUTS, params).fetchall()
-        except psycopg.Error as exc:
-            log.warning("could not read step timeouts (%s); using queue timeouts", exc)
-            return {}
-        return {(r["run_id"], r["step_key"]): float(r["timeout_seconds"]) for r in rows}
 
 
 def _is_due(item: OutboxItem, now: datetime) -> bool:
