@@ -273,6 +273,10 @@ def _attempt_step(t: Transition, step_key: str, attempt: int, expected: str) -> 
             "invalid_transition",
             f"attempt {attempt} was never dispatched (current attempt {step.attempt})",
         )
+    if step.status == "retrying":
+        # The attempt already ended (failed, or its lease expired); the next one is only
+        # waiting out its backoff, so this is a superseded attempt's late command (I6).
+        raise Drop("stale_attempt", f"attempt {attempt} already ended; a retry is scheduled")
     if step.status != expected:
         raise Drop(
             "invalid_transition",
@@ -342,6 +346,8 @@ def _manual_retry(t: Transition, command: RetryStep) -> None:
     step = _get_step(t, command.step_key)
     if t.run.status == "cancelled":
         raise Drop("terminal", "run is cancelled")
+    if step.status in ("completed", "cancelled"):
+        raise Drop("terminal", f"step {step.step_key} is {step.status}; only failed steps retry")
     if step.status != "failed":
         raise Drop(
             "invalid_transition", f"step {step.step_key} is {step.status}; only failed steps retry"

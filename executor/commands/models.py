@@ -51,8 +51,32 @@ class _CommandBase(_Model):
     run_id: Identifier
     idempotency_key: Key
 
+    @model_validator(mode="after")
+    def _no_nul(self) -> Self:
+        # Valid JSON, valid Python, but Postgres text and jsonb cannot hold U+0000: refuse
+        # it here, where the refusal is recorded, rather than in the middle of a commit.
+        for name, value in self:
+            if contains_nul(value):
+                raise ValueError(
+                    f"{name} contains a NUL character (U+0000), which cannot be stored"
+                )
+        return self
+
     def describe(self) -> str:
         return f"{self.type} run={self.run_id}"  # type: ignore[attr-defined]
+
+
+def contains_nul(value: Any) -> bool:
+    """True if a NUL character hides anywhere in a JSON-like value, keys included."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(contains_nul(k) or contains_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(contains_nul(v) for v in value)
+    if isinstance(value, BaseModel):
+        return any(contains_nul(v) for _, v in value)
+    return False
 
 
 def _key_from(command: BaseModel, *parts: str) -> str:

@@ -3,7 +3,7 @@
 One transaction per delivery, in two round trips (psycopg pipeline mode):
 
 1. lock the run row, then every step of the run in key order, and look up the
-   idempotency key;
+   idempotency key (one call of `executor.lock_for_command`, sql/004);
 2. write the steps, the run (with the new `last_seq`), the events, the receipt and the
    outbox rows, and COMMIT.
 
@@ -40,6 +40,11 @@ Conn = psycopg.Connection[dict[str, Any]]
 Pool = ConnectionPool[Conn]
 
 _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.UniqueViolation)
+
+# The unique violations two honest deliveries can race into; anything else is a real fault.
+_RACING_CONSTRAINTS = frozenset(
+    {"receipts_pkey", "runs_pkey", "runs_one_active_per_concurrency_key"}
+)
 
 
 @dataclass
@@ -83,6 +88,11 @@ class Ledger:
             try:
                 outcome, conflict = self._apply_once(command)
             except _RETRYABLE as exc:
+                if (
+                    isinstance(exc, pg_errors.UniqueViolation)
+                    and exc.diag.constraint_name not in _RACING_CONSTRAINTS
+                ):
+                    raise
                 last = exc
                 self.retries += 1
                 log.debug("retrying %s after %s", command.describe(), type(exc).__name__)
@@ -92,7 +102,8 @@ class Ledger:
                 raise conflict
             return outcome
         raise LedgerBusy(
-            f"{command.describe()} not applied after {self.max_retries + 1} tries: {last}"
+            f"{command.describe()} not applied after {self.max_retries + 1} tries "
+            f"(serialization failures, deadlocks or racing inserts): {last}"
         ) from last
 
     def record_invalid(self, raw: str, detail: str, *, command_type: str | None = None) -> Outcome:
@@ -148,23 +159,27 @@ class Ledger:
                 raise
         outcome, conflict, outbox_cur = result
         if outbox_cur is not None:
-            followups = tuple(OutboxItem.model_validate(r) for r in outbox_cur.fetchall())
-            outcome = outcome.model_copy(update={"followups": followups})
+            rows = outbox_cur.fetchall()
+            if rows:
+                followups = tuple(OutboxItem.model_validate(r) for r in rows)
+                outcome = outcome.model_copy(update={"followups": followups})
         return outcome, conflict
 
     def _decide_and_write(
         self, conn: Conn, pipeline: psycopg.Pipeline, command: Command
     ) -> tuple[Outcome, ConcurrencyKeyTaken | None, psycopg.Cursor[dict[str, Any]] | None]:
-        run_cur = conn.execute(q.LOCK_RUN, (command.run_id,))
-        steps_cur = (
-            None
-            if isinstance(command, CreateRun)
-            else conn.execute(q.LOCK_STEPS, (command.run_id,))
-        )
-        receipt = conn.execute(q.RECEIPT_AND_NOW, (command.idempotency_key,)).fetchone()
-        run_row = run_cur.fetchone()
-        step_rows = steps_cur.fetchall() if steps_cur is not None else []
-        assert receipt is not None
+        row = conn.execute(
+            q.LOCK_FOR_COMMAND,
+            (command.run_id, command.idempotency_key, not isinstance(command, CreateRun)),
+        ).fetchone()
+        assert row is not None
+        locked = row["locked"]
+        run_row, step_rows = locked["run"], locked["steps"]
+        receipt = {
+            "outcome": locked["outcome"],
+            "received_at": _timestamp(locked["received_at"]),
+            "now": _timestamp(locked["now"]),
+        }
         if self.hooks.after_lock:
             self.hooks.after_lock(command)
 
@@ -225,20 +240,17 @@ class Ledger:
             self._record_drop(conn, command, "invalid_transition", str(err))
         return err
 
-    def _write(
-        self, conn: Conn, command: Command, t: Transition
-    ) -> psycopg.Cursor[dict[str, Any]] | None:
+    def _write(self, conn: Conn, command: Command, t: Transition) -> psycopg.Cursor[dict[str, Any]]:
         first = t.run.last_seq + 1
         last = t.run.last_seq + len(t.events)
         run = t.run
+        # A launch with a concurrency key already wrote its receipt and row in _check_key.
+        with_receipt = not (t.run_created and run.concurrency_key is not None)
         if t.run_created and run.concurrency_key is None:
-            self._insert_receipt(conn, command, "applied", None, first, last)
             conn.execute(
                 q.INSERT_RUN,
                 (run.run_id, run.workflow, "pending", None, Jsonb(run.input), last),
             )
-        elif not t.run_created:
-            self._insert_receipt(conn, command, "applied", None, first, last)
         new = [s for s in t.steps.values() if s.new]
         if new:
             conn.execute(
@@ -256,47 +268,39 @@ class Ledger:
                 ),
             )
         changed = [s for s in t.steps.values() if s.dirty]
-        if changed:
-            conn.execute(
-                q.UPDATE_STEPS,
-                (
-                    [s.step_key for s in changed],
-                    [s.status for s in changed],
-                    [s.attempt for s in changed],
-                    [_jsonb(s.output) for s in changed],
-                    [_jsonb(s.error) for s in changed],
-                    [s.lease_expires_at for s in changed],
-                    [s.next_attempt_at for s in changed],
-                    run.run_id,
-                ),
-            )
-        conn.execute(
-            q.UPDATE_RUN, (run.status, _jsonb(run.output), _jsonb(run.error), last, run.run_id)
-        )
-        conn.execute(
-            q.INSERT_EVENTS,
-            (
-                run.run_id,
-                command.idempotency_key,
-                list(range(first, last + 1)),
-                [e.type for e in t.events],
-                [e.step_key for e in t.events],
-                [e.attempt for e in t.events],
-                [Jsonb(e.payload) for e in t.events],
-            ),
-        )
-        if not t.followups:
-            return None
         return conn.execute(
-            q.INSERT_OUTBOX,
-            (
-                run.run_id,
-                [f.queue for f in t.followups],
-                [f.command.idempotency_key for f in t.followups],
-                [Jsonb(f.command.model_dump(mode="json")) for f in t.followups],
-                [f.not_before for f in t.followups],
-                [f.timeout_seconds for f in t.followups],
-            ),
+            q.WRITE_CHANGES,
+            {
+                "key": command.idempotency_key,
+                "run_id": run.run_id,
+                "step_key": getattr(command, "step_key", None),
+                "attempt": getattr(command, "attempt", None),
+                "command_type": command.type,
+                "command": Jsonb(command.model_dump(mode="json")),
+                "first_seq": first,
+                "last_seq": last,
+                "with_receipt": with_receipt,
+                "s_key": [s.step_key for s in changed],
+                "s_status": [s.status for s in changed],
+                "s_attempt": [s.attempt for s in changed],
+                "s_output": [_jsonb(s.output) for s in changed],
+                "s_error": [_jsonb(s.error) for s in changed],
+                "s_lease": [s.lease_expires_at for s in changed],
+                "s_next": [s.next_attempt_at for s in changed],
+                "r_status": run.status,
+                "r_output": _jsonb(run.output),
+                "r_error": _jsonb(run.error),
+                "e_seq": list(range(first, last + 1)),
+                "e_type": [e.type for e in t.events],
+                "e_step": [e.step_key for e in t.events],
+                "e_attempt": [e.attempt for e in t.events],
+                "e_payload": [Jsonb(e.payload) for e in t.events],
+                "o_queue": [f.queue for f in t.followups],
+                "o_key": [f.command.idempotency_key for f in t.followups],
+                "o_command": [Jsonb(f.command.model_dump(mode="json")) for f in t.followups],
+                "o_not_before": [f.not_before for f in t.followups],
+                "o_timeout": [f.timeout_seconds for f in t.followups],
+            },
         )
 
     def _insert_receipt(
@@ -401,6 +405,10 @@ def _run_from_row(row: dict[str, Any]) -> RunRow:
     )
 
 
+def _timestamp(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
 def _step_from_row(row: dict[str, Any]) -> StepRow:
     return StepRow(
         step_key=row["step_key"],
@@ -413,6 +421,6 @@ def _step_from_row(row: dict[str, Any]) -> StepRow:
         backoff=row["backoff"],
         output=row["output"],
         error=row["error"],
-        lease_expires_at=row["lease_expires_at"],
-        next_attempt_at=row["next_attempt_at"],
+        lease_expires_at=_timestamp(row["lease_expires_at"]),
+        next_attempt_at=_timestamp(row["next_attempt_at"]),
     )

@@ -4,26 +4,8 @@ from __future__ import annotations
 
 ACTIVE = "('pending', 'running', 'paused')"
 
-LOCK_RUN = """
-SELECT run_id, workflow, status, concurrency_key, input, output, error, last_seq
-FROM executor.runs WHERE run_id = %s FOR UPDATE
-"""
-
-# Locks every step of the run in key order: the fixed order (run, then steps by key) means two
-# handlers can never wait on each other in a cycle.
-LOCK_STEPS = """
-SELECT step_key, status, attempt, max_attempts, depends_on, queue, timeout_seconds, backoff,
-       output, error, lease_expires_at, next_attempt_at
-FROM executor.steps WHERE run_id = %s ORDER BY step_key FOR UPDATE
-"""
-
-# clock_timestamp(), not now(): this runs after the run lock was granted, and a command that
-# waited on the lock must judge leases and backoffs by the time it actually decides.
-RECEIPT_AND_NOW = """
-SELECT clock_timestamp() AS now, r.outcome, r.received_at, r.run_id
-FROM (SELECT 1) AS one
-LEFT JOIN executor.receipts AS r ON r.idempotency_key = %s
-"""
+# See sql/004_lock_for_command.sql: the run lock, the step locks and the key, in one call.
+LOCK_FOR_COMMAND = "SELECT executor.lock_for_command(%s, %s, %s) AS locked"
 
 INSERT_RECEIPT = """
 INSERT INTO executor.receipts
@@ -60,12 +42,6 @@ WHERE concurrency_key = %s AND status IN {ACTIVE} AND run_id <> %s
 LIMIT 1
 """
 
-UPDATE_RUN = """
-UPDATE executor.runs
-SET status = %s, output = %s, error = %s, last_seq = %s, updated_at = now()
-WHERE run_id = %s
-"""
-
 INSERT_STEPS = """
 INSERT INTO executor.steps
     (run_id, step_key, status, attempt, max_attempts, depends_on, queue, timeout_seconds,
@@ -78,30 +54,45 @@ FROM unnest(%s::text[], %s::text[], %s::int[], %s::int[], %s::jsonb[], %s::text[
     AS u(step_key, status, attempt, max_attempts, depends_on, queue, timeout_seconds, backoff)
 """
 
-UPDATE_STEPS = """
-UPDATE executor.steps AS s
-SET status = u.status, attempt = u.attempt, output = u.output, error = u.error,
-    lease_expires_at = u.lease_expires_at, next_attempt_at = u.next_attempt_at,
-    updated_at = now()
-FROM unnest(%s::text[], %s::text[], %s::int[], %s::jsonb[], %s::jsonb[], %s::timestamptz[],
-            %s::timestamptz[])
-    AS u(step_key, status, attempt, output, error, lease_expires_at, next_attempt_at)
-WHERE s.run_id = %s AND s.step_key = u.step_key
-"""
-
-INSERT_EVENTS = """
-INSERT INTO executor.events (run_id, seq, type, step_key, attempt, idempotency_key, payload)
-SELECT %s, u.seq, u.type, u.step_key, u.attempt, %s, u.payload
-FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::int[], %s::jsonb[])
-    AS u(seq, type, step_key, attempt, payload)
-"""
-
-INSERT_OUTBOX = """
+# Every write of an applied command in one statement: data-modifying CTEs share the
+# transaction (and its locks), and one statement is one parse/bind/dump instead of five.
+# Rows inserted earlier in the same transaction (a start_run's steps) are visible to it.
+WRITE_CHANGES = """
+WITH receipt AS (
+    INSERT INTO executor.receipts
+        (idempotency_key, run_id, step_key, attempt, command_type, command, outcome,
+         first_seq, last_seq)
+    SELECT %(key)s, %(run_id)s, %(step_key)s::text, %(attempt)s::int, %(command_type)s,
+           %(command)s, 'applied', %(first_seq)s, %(last_seq)s
+    WHERE %(with_receipt)s
+), changed_steps AS (
+    UPDATE executor.steps AS s
+    SET status = u.status, attempt = u.attempt, output = u.output, error = u.error,
+        lease_expires_at = u.lease_expires_at, next_attempt_at = u.next_attempt_at,
+        updated_at = now()
+    FROM unnest(%(s_key)s::text[], %(s_status)s::text[], %(s_attempt)s::int[],
+                %(s_output)s::jsonb[], %(s_error)s::jsonb[], %(s_lease)s::timestamptz[],
+                %(s_next)s::timestamptz[])
+        AS u(step_key, status, attempt, output, error, lease_expires_at, next_attempt_at)
+    WHERE s.run_id = %(run_id)s AND s.step_key = u.step_key
+), changed_run AS (
+    UPDATE executor.runs
+    SET status = %(r_status)s, output = %(r_output)s, error = %(r_error)s,
+        last_seq = %(last_seq)s, updated_at = now()
+    WHERE run_id = %(run_id)s
+), appended AS (
+    INSERT INTO executor.events (run_id, seq, type, step_key, attempt, idempotency_key, payload)
+    SELECT %(run_id)s, u.seq, u.type, u.step_key, u.attempt, %(key)s, u.payload
+    FROM unnest(%(e_seq)s::bigint[], %(e_type)s::text[], %(e_step)s::text[],
+                %(e_attempt)s::int[], %(e_payload)s::jsonb[])
+        AS u(seq, type, step_key, attempt, payload)
+)
 INSERT INTO executor.outbox
     (run_id, queue, idempotency_key, command, not_before, timeout_seconds)
-SELECT %s, u.queue, u.idempotency_key, u.command, COALESCE(u.not_before, now()),
+SELECT %(run_id)s, u.queue, u.idempotency_key, u.command, COALESCE(u.not_before, now()),
        u.timeout_seconds
-FROM unnest(%s::text[], %s::text[], %s::jsonb[], %s::timestamptz[], %s::float8[])
+FROM unnest(%(o_queue)s::text[], %(o_key)s::text[], %(o_command)s::jsonb[],
+            %(o_not_before)s::timestamptz[], %(o_timeout)s::float8[])
     AS u(queue, idempotency_key, command, not_before, timeout_seconds)
 RETURNING outbox_id, run_id, queue, idempotency_key, command, not_before, timeout_seconds
 """

@@ -69,6 +69,9 @@ JOIN executor.runs AS r ON r.run_id = s.run_id
 WHERE s.status = 'retrying'
   AND r.status = 'running'
   AND s.next_attempt_at < now() - make_interval(secs => %s)
+  -- After a terminal failure nothing more is dispatched; a manual retry re-dispatches these.
+  AND NOT EXISTS (
+      SELECT 1 FROM executor.steps AS f WHERE f.run_id = s.run_id AND f.status = 'failed')
   AND NOT EXISTS (
       SELECT 1 FROM executor.outbox AS o
       WHERE o.run_id = s.run_id
@@ -95,8 +98,6 @@ WHERE r.status = 'pending'
 ORDER BY r.created_at
 LIMIT %s
 """
-
-_LIVE = frozenset({"queued", "started", "scheduled", "deferred"})
 
 
 @dataclass
@@ -150,7 +151,7 @@ def reap(
     for row in retrying:
         attempt = row["attempt"] + 1
         natural = f"dispatch_step:{row['run_id']}:{row['step_key']}:{attempt}"
-        if dispatcher.job_state(natural) in _LIVE:
+        if dispatcher.job_is_live(natural, started_within=grace):
             continue
         prefix = f"{natural}:sweep:"
         with pool.connection() as conn:

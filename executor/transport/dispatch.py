@@ -57,6 +57,7 @@ Pool = ConnectionPool[Conn]
 CLOCK_TOLERANCE = timedelta(milliseconds=50)
 
 # RQ statuses meaning the job never applied its command, so a re-push must replace it.
+_WAITING = frozenset({JobStatus.QUEUED.value, JobStatus.DEFERRED.value, JobStatus.SCHEDULED.value})
 _DEAD = frozenset({JobStatus.FAILED.value, JobStatus.STOPPED.value, JobStatus.CANCELED.value})
 
 _CONFIRM_PUSHED = """
@@ -189,6 +190,16 @@ class Dispatcher:
                 log.info("replaced %s job %s for %s", status or "broken", job_id, key)
                 return "replaced"
         return "present"
+
+    def job_is_live(self, idempotency_key: str, *, started_within: float) -> bool:
+        """Queued, or started less than `started_within` seconds ago (else its worker died)."""
+        status, started_at = self.redis.hmget(
+            Job.key_for(job_id_for(idempotency_key)), ["status", "started_at"]
+        )
+        state = _text(status)
+        if state == JobStatus.STARTED.value:
+            return not _older_than(_text(started_at), started_within)
+        return state in _WAITING
 
     def job_state(self, idempotency_key: str) -> str | None:
         """RQ status of the job carrying this key, or None when Redis has no such job."""

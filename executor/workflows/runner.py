@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+
+import psycopg
 
 from executor.commands.models import BackoffPolicy, CompleteStep, FailStep, StartRun, StartStep
 from executor.errors import LeaseLost, StepTimeout, UnknownWorkflow
@@ -111,7 +114,7 @@ class StepRunner:
             except LeaseLost:
                 log.warning("%s lost its lease; its result is discarded", command.describe())
                 return started
-        ended = self.ledger.apply(final)
+        ended = self._record(final)
         if ended.applied:
             self.push(ended.followups)
         else:
@@ -119,6 +122,24 @@ class StepRunner:
                 "result of %s dropped: %s (%s)", command.describe(), ended.reason, ended.detail
             )
         return ended
+
+    def _record(self, final: CompleteStep | FailStep) -> Outcome:
+        """Apply the result, riding out a database restart for as long as the lease lasts.
+
+        A commit whose acknowledgement was lost comes back as a duplicate on the next try;
+        its follow-ups are then pushed by the relay instead of by us.
+        """
+        deadline = time.monotonic() + self.ledger.lease_seconds
+        delay = 0.1
+        while True:
+            try:
+                return self.ledger.apply(final)
+            except psycopg.OperationalError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("could not record %s; retrying in %.1fs", final.describe(), delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _call(self, command: StartStep, ctx: StepContext) -> CompleteStep | FailStep:
         ids = _Ids(command.run_id, command.step_key, command.attempt)
@@ -147,12 +168,13 @@ class StepRunner:
             raise LeaseLost("lease lost before completion")
         try:
             json.dumps(output, allow_nan=False)
+            return CompleteStep(
+                run_id=ids.run_id, step_key=ids.step_key, attempt=ids.attempt, output=output
+            )
         except (TypeError, ValueError) as exc:
-            # Retrying cannot make an output JSON; say so once instead of max_attempts times.
+            # Not JSON the ledger can store (a tuple, int keys, NaN, a NUL character): retrying
+            # cannot fix that, so say so once instead of max_attempts times.
             return _failure(ids, exc, retryable=False)
-        return CompleteStep(
-            run_id=ids.run_id, step_key=ids.step_key, attempt=ids.attempt, output=output
-        )
 
 
 @dataclass(frozen=True)
@@ -168,11 +190,16 @@ class _Ids:
             run_id=self.run_id,
             step_key=self.step_key,
             attempt=self.attempt,
-            error=error[:10_000],
-            error_type=error_type[:500],
-            traceback=tb,
+            error=_storable(error)[:10_000],
+            error_type=_storable(error_type)[:500],
+            traceback=None if tb is None else _storable(tb),
             retryable=retryable,
         )
+
+
+def _storable(text: str) -> str:
+    """Error text as Postgres can store it: a NUL becomes a visible escape."""
+    return text.replace("\x00", "\\x00")
 
 
 def _failure(ids: _Ids, exc: BaseException, *, retryable: bool) -> FailStep:

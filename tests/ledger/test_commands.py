@@ -710,8 +710,8 @@ DROP_CASES: list[Case] = [
         FailStep(run_id="r1", step_key="a", attempt=1, error="x"),
         run_row,
         lambda: steps_of(step_row("a", "retrying", 1)),
-        "invalid_transition",
-        "is retrying, not running",
+        "stale_attempt",
+        "already ended; a retry is scheduled",
     ),
     (
         "expire-held-lease",

@@ -217,11 +217,11 @@ def test_ledger_serialises_the_late_start_behind_the_completion(
     with pool.connection() as conn:
         waiting = poll(
             "B to wait on A's row lock",
-            lambda: [w for w in lock_waiters(conn) if "executor.runs" in w["query"]],
+            lambda: [w for w in lock_waiters(conn) if "lock_for_command" in w["query"]],
         )
         assert len(waiting) == 1, waiting
         (blocker,) = waiting[0]["blockers"]
-        assert "FOR UPDATE" in waiting[0]["query"]
+        assert "lock_for_command" in waiting[0]["query"]  # the run row lock, sql/004
         assert waiting[0]["wait_event"] in ("transactionid", "tuple")
         assert holds_run_lock(conn, blocker), "B's blocker should be A, holding the run row"
         assert not b.done()
