@@ -1,7 +1,7 @@
 """The retry dashboard: find what failed and why, retry it, watch queues and workers.
 
 `executor dashboard` calls `serve()`; tests and embedders call `create_app(settings)`.
-See README.md in this folder for the pages, the API, the auth model and the metrics.
+See docs/dashboard.md for the pages, the API, the auth model and the metrics.
 """
 
 from executor.dashboard.settings import DashboardSettings
