@@ -165,6 +165,16 @@ class Client:
             ).fetchall()
         return RunView.model_validate({**run, "steps": steps})
 
+    def status_counts(self, run_ids: list[str]) -> dict[str, int]:
+        """How many of these runs are in each status, in one query."""
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT status, count(*) AS n FROM executor.runs WHERE run_id = ANY(%s) "
+                "GROUP BY status",
+                (run_ids,),
+            ).fetchall()
+        return {r["status"]: int(r["n"]) for r in rows}
+
     def wait(self, run_id: str, timeout: float = 60.0, *, poll: float = 0.05) -> RunView:
         """Block until the run is completed, failed or cancelled."""
         deadline = time.monotonic() + timeout

@@ -89,13 +89,7 @@ def e2e_round(client: Client, runs: int, timeout: float = 300.0) -> tuple[float,
     ids = [client.start_run("noop", None, run_id=f"bench-{tag}-{i}") for i in range(runs)]
     deadline = start + timeout
     while True:
-        with client.pool.connection() as conn:
-            row = conn.execute(
-                "SELECT count(*) AS n FROM executor.runs "
-                "WHERE run_id = ANY(%s) AND status = 'completed'",
-                (ids,),
-            ).fetchone()
-        if row and row["n"] == runs:
+        if client.status_counts(ids).get("completed", 0) == runs:
             break
         if time.monotonic() > deadline:
             raise RuntimeError("benchmark runs did not complete in time")

@@ -21,6 +21,7 @@ from rq import Queue
 from executor.cli.procs import worker_env, worker_processes
 from executor.client import Client
 from executor.commands.models import CancelRun, CompleteStep, StartStep
+from executor.commands.state import RUN_TERMINAL
 from executor.ledger.verify import verify
 from executor.storage.db import connect
 from executor.transport.dispatch import DELIVER
@@ -63,13 +64,8 @@ def run_demo(*, runs: int = 200, workers: int = 3, timeout: float = 120.0) -> in
         done = 0
         deadline = started + timeout
         while done < runs and time.monotonic() < deadline:
-            with client.pool.connection() as conn:
-                row = conn.execute(
-                    "SELECT count(*) AS n FROM executor.runs WHERE run_id = ANY(%s) "
-                    "AND status IN ('completed', 'failed', 'cancelled')",
-                    (run_ids,),
-                ).fetchone()
-            done = int(row["n"]) if row else 0
+            counts = client.status_counts(run_ids)
+            done = sum(counts.get(s, 0) for s in RUN_TERMINAL)
             _bar(done, runs, started)
             time.sleep(0.2)
         elapsed = time.monotonic() - started
@@ -79,18 +75,9 @@ def run_demo(*, runs: int = 200, workers: int = 3, timeout: float = 120.0) -> in
         before = _drop_count(client)
         late = _redeliver_late(client, run_ids[: max(1, runs // 4)])
         _wait_for_drops(client, before + late)
+        by_status = Counter(client.status_counts(run_ids))
 
     with connect(db) as conn:
-        by_status = Counter(
-            {
-                r["status"]: r["n"]
-                for r in conn.execute(
-                    "SELECT status, count(*) AS n FROM executor.runs "
-                    "WHERE run_id = ANY(%s) GROUP BY 1",
-                    (run_ids,),
-                )
-            }
-        )
         steps = conn.execute(
             "SELECT count(*) AS steps, coalesce(sum(attempt - 1) FILTER (WHERE attempt > 1), 0) "
             "AS retries FROM executor.steps WHERE run_id = ANY(%s)",
