@@ -215,9 +215,20 @@ class Dispatcher:
             self._queues[name] = queue
         return queue
 
+    def route(self, queue_name: str) -> str:
+        """The queue a job really goes to: `default` means the configured default queue.
+
+        Workflows and the handler say `default` without knowing the deployment's queue names;
+        a deployment whose default queue is called something else must still get those jobs.
+        """
+        if queue_name == "default" and "default" not in self.settings.queue_names:
+            return self.settings.default_queue
+        return queue_name
+
     def _try_enqueue(
         self, job_id: str, command: dict[str, Any], queue_name: str, step_timeout: float | None
     ) -> bool:
+        queue_name = self.route(queue_name)
         conf = self.settings.queue(queue_name)
         timeout = conf.job_timeout
         meta: dict[str, Any] = {"idempotency_key": command["idempotency_key"]}

@@ -34,7 +34,7 @@ from executor.recovery.reaper import ReapReport, reap
 from executor.recovery.relay import RelayReport, relay
 from executor.transport.dispatch import Dispatcher, job_id_for
 from executor.transport.serializer import JSONCommandSerializer
-from queue_config import ExecutorSettings
+from queue_config import ExecutorSettings, QueueSettings
 
 Pool = ConnectionPool[psycopg.Connection[dict[str, Any]]]
 
@@ -68,7 +68,7 @@ def spec(key: str, *, max_attempts: int = 3, backoff: float = 0.0) -> StepSpec:
         step_key=key,
         queue=QUEUE,
         max_attempts=max_attempts,
-        backoff=BackoffPolicy(initial=backoff, jitter=False),
+        backoff=BackoffPolicy(initial=backoff, cap=backoff, jitter=False),
     )
 
 
@@ -76,7 +76,8 @@ def launch(ledger: Ledger, dispatcher: Dispatcher | None, *steps: StepSpec) -> N
     """Create and start RUN; with a dispatcher, push the follow-ups as a worker would."""
     created = ledger.apply(CreateRun(run_id=RUN, workflow="wf", idempotency_key=f"create:{RUN}"))
     started = ledger.apply(StartRun(run_id=RUN, workflow="wf", steps=steps))
-    assert created.applied and started.applied, started.summary()
+    assert created.applied, created.summary()
+    assert started.applied, started.summary()
     if dispatcher is not None:
         dispatcher.push(created.followups + started.followups)
 
@@ -141,10 +142,10 @@ def fetch(redis: redis_lib.Redis, key: str) -> Job:
     return Job.fetch(job_id_for(key), connection=redis, serializer=JSONCommandSerializer)
 
 
-def die_while_started(redis: redis_lib.Redis, key: str, started_at: str, queue: str = QUEUE) -> None:
+def die_while_started(redis: redis_lib.Redis, key: str, started_at: str) -> None:
     """Leave the job carrying `key` as a worker that took it and was killed leaves it."""
     job_id = job_id_for(key)
-    Queue(queue, connection=redis, serializer=JSONCommandSerializer).remove(job_id)
+    Queue(QUEUE, connection=redis, serializer=JSONCommandSerializer).remove(job_id)
     redis.hset(Job.key_for(job_id), mapping={"status": "started", "started_at": started_at})
 
 
@@ -293,7 +294,7 @@ def test_overdue_retry_without_a_dispatch_job_is_redispatched_under_a_sweep_key(
     assert reap(pool, ledger, dispatcher, settings) == ReapReport()
     late = ledger.apply(DispatchStep(run_id=RUN, step_key="a", attempt=2))
     assert (late.applied, late.reason) == (False, "invalid_transition")
-    assert_redispatched_by_sweep(pool, redis)
+    assert step_row(pool, "a") == {"status": "queued", "attempt": 2}
     assert_verified(pool)
 
 
@@ -417,6 +418,33 @@ def test_pending_run_without_a_start_job_is_restarted(
     assert receipts(pool) == [(f"create:{RUN}", "applied")]
     assert run_status(pool) == "pending"
     assert_verified(pool)
+
+
+def test_a_pending_run_start_job_lands_where_workers_listen_with_a_custom_default_queue(
+    pool: Pool, redis: redis_lib.Redis, ledger: Ledger
+) -> None:
+    """`default_queue` names where start_run jobs go; workers listen on `queue_names` only.
+
+    Regression: the handler's start_run follow-up went to a queue literally named "default"
+    whatever the setting said, and the reaper, finding that job "present" under its id, never
+    re-pushed it: the run stayed pending for good (I7). The dispatcher now routes "default".
+    """
+    settings = ExecutorSettings(
+        queues=(QueueSettings(name="high"), QueueSettings(name="main")),
+        default_queue="main",
+        recovery_grace_seconds=0.0,
+    )
+    dispatcher = Dispatcher(redis, settings, pool)
+    created = ledger.apply(CreateRun(run_id=RUN, workflow="wf", idempotency_key=f"create:{RUN}"))
+    assert created.applied
+    dispatcher.push(created.followups)
+    reap(pool, ledger, dispatcher, settings)
+    job_id = job_id_for(f"start_run:{RUN}")
+    listened = {name: queued_ids(redis, name) for name in settings.queue_names}
+    assert any(job_id in ids for ids in listened.values()), (
+        f"start_run job is in {fetch(redis, f'start_run:{RUN}').origin!r}, "
+        f"workers listen on {list(settings.queue_names)}"
+    )
 
 
 # --- 6. the outbox relay -----------------------------------------------------------------------
