@@ -74,6 +74,7 @@ class Transition:
     run_dirty: bool = False
     run_created: bool = False
     reopened: bool = False
+    continued: StepRow | None = None
 
     def emit(self, type_: str, step: StepRow | None = None, **payload: Any) -> None:
         self.events.append(
@@ -169,6 +170,8 @@ def decide(
         step.dirty = True
         t.emit("step_completed", step, output=command.output)
         advance(t)
+        if command.continue_on is not None:
+            _continue_inline(t, command.continue_on)
     elif isinstance(command, FailStep):
         step = _attempt_step(t, command.step_key, command.attempt, "running")
         error = {
@@ -360,6 +363,26 @@ def _manual_retry(t: Transition, command: RetryStep) -> None:
         t.emit("run_resumed", reason="manual_retry", step_key=step.step_key)
     _queue(t, step, manual=True, requested_by=command.requested_by)
     advance(t, dispatch_due_retries=True)
+
+
+def _continue_inline(t: Transition, queue: str) -> None:
+    """Start one just-queued dependant here, for the completing worker to run in place.
+
+    Only a step routed to the worker's own queue and with no timeout of its own qualifies:
+    the job already running was armed with its queue's timeout, and routing must hold.
+    """
+    for followup in t.followups:
+        command = followup.command
+        if not isinstance(command, StartStep):
+            continue
+        step = t.steps[command.step_key]
+        if step.queue == queue and step.timeout_seconds is None and step.status == "queued":
+            t.followups.remove(followup)
+            step.status = "running"
+            step.lease_expires_at = t.now + timedelta(seconds=t.lease_seconds)
+            t.emit("step_started", step, lease_expires_at=step.lease_expires_at.isoformat())
+            t.continued = step
+            return
 
 
 def _has_failed(t: Transition) -> bool:

@@ -149,8 +149,16 @@ class StartStep(_SystemStepCommand):
 
 
 class CompleteStep(_SystemStepCommand):
+    """running → completed; ready dependants are queued.
+
+    `continue_on` names the queue of the job that ran the step: the sender will run one
+    dependant this completion makes ready, routed to that queue and without a timeout of its
+    own, itself, so the same transaction also starts it and no job is enqueued for it.
+    """
+
     type: Literal["complete_step"] = "complete_step"
     output: JsonValue = None
+    continue_on: Identifier | None = None
 
 
 class FailStep(_SystemStepCommand):

@@ -365,16 +365,19 @@ class Ledger:
             EventRef(seq=first + i, type=e.type, step_key=e.step_key, attempt=e.attempt)
             for i, e in enumerate(t.events)
         )
+        started = t.steps[command.step_key] if isinstance(command, StartStep) else t.continued
         context = None
-        if isinstance(command, StartStep):
-            step = t.steps[command.step_key]
+        if started is not None:
             context = StepContext(
+                step_key=started.step_key,
+                attempt=started.attempt,
+                queue=started.queue,
                 workflow=t.run.workflow,
                 run_input=t.run.input,
-                upstream={d: t.steps[d].output for d in step.depends_on},
-                timeout_seconds=step.timeout_seconds,
-                lease_expires_at=step.lease_expires_at,
-                max_attempts=step.max_attempts,
+                upstream={d: t.steps[d].output for d in started.depends_on},
+                timeout_seconds=started.timeout_seconds,
+                lease_expires_at=started.lease_expires_at,
+                max_attempts=started.max_attempts,
             )
         return Outcome(
             idempotency_key=command.idempotency_key,
@@ -385,6 +388,7 @@ class Ledger:
             followups=tuple(followups),
             run_status=t.run.status,
             step_context=context,
+            continued=t.continued is not None,
         )
 
 

@@ -36,6 +36,9 @@ class StepContext(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
+    step_key: str
+    attempt: int
+    queue: str
     workflow: str
     run_input: Any
     upstream: dict[str, Any]
@@ -57,6 +60,8 @@ class Outcome(BaseModel):
     followups: tuple[OutboxItem, ...] = ()
     run_status: str | None = None
     step_context: StepContext | None = None
+    continued: bool = False
+    """A completion that also started `step_context`'s step for its sender to run in place."""
 
     @property
     def dropped(self) -> bool:

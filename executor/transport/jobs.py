@@ -23,6 +23,8 @@ import json
 import logging
 from typing import Any
 
+from rq import get_current_job
+
 from executor.commands.models import (
     COMMAND_TYPES,
     BackoffPolicy,
@@ -43,11 +45,16 @@ _PLACEHOLDER = [{"step_key": "_planned_by_worker"}]
 
 def deliver(command: dict[str, Any]) -> str:
     """RQ entry point: apply one command; returns a one-line account of what happened."""
-    return handle(get_runtime(), command)
+    job = get_current_job()
+    return handle(get_runtime(), command, job_timeout=job.timeout if job else None)
 
 
-def handle(runtime: Runtime, payload: Any) -> str:
-    """Decode, route and apply one command payload (already JSON-decoded)."""
+def handle(runtime: Runtime, payload: Any, *, job_timeout: float | None = None) -> str:
+    """Decode, route and apply one command payload (already JSON-decoded).
+
+    A step job may go on to run dependants in place for half its `job_timeout`, so the
+    chain ends well before RQ's timeout for the job fires.
+    """
     try:
         command = decode(payload)
     except InvalidCommand as exc:
@@ -59,7 +66,7 @@ def handle(runtime: Runtime, payload: Any) -> str:
 
     try:
         if isinstance(command, StartStep):
-            outcome = runtime.runner.run(command)
+            outcome = runtime.runner.run(command, continue_for=(job_timeout or 0) / 2)
         else:
             if isinstance(command, StartRun) and not command.steps:
                 retry = runtime.settings.retry

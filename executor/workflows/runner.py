@@ -24,6 +24,7 @@ from executor.commands.models import BackoffPolicy, CompleteStep, FailStep, Star
 from executor.errors import LeaseLost, StepTimeout, UnknownWorkflow
 from executor.ledger.handler import Ledger
 from executor.ledger.outcome import OutboxItem, Outcome
+from executor.ledger.outcome import StepContext as StepContextInfo
 from executor.workflows.definition import FatalError, StepContext
 from executor.workflows.registry import get_workflow
 
@@ -84,24 +85,52 @@ class StepRunner:
         self.push = push
         self.heartbeat_interval = heartbeat_interval
 
-    def run(self, command: StartStep) -> Outcome:
-        started = self.ledger.apply(command)
-        if not started.applied:
-            log.info("not running %s: %s (%s)", command.describe(), started.reason, started.detail)
-            return started
-        info = started.step_context
-        assert info is not None
+    def run(self, command: StartStep, *, continue_for: float = 0.0) -> Outcome:
+        """Run the attempt `command` starts, then, for up to `continue_for` seconds, the
+        dependants its completions start in place.
+
+        A completion may start one ready dependant routed to the same queue in its own
+        transaction (see CompleteStep.continue_on); this loop runs it without a trip through
+        Redis. The budget keeps the whole chain inside the job timeout RQ armed for the job.
+        """
+        outcome = self.ledger.apply(command)
+        if not outcome.applied:
+            log.info("not running %s: %s (%s)", command.describe(), outcome.reason, outcome.detail)
+            return outcome
+        deadline = time.monotonic() + continue_for
+        while True:
+            info = outcome.step_context
+            assert info is not None
+            ids = _Ids(command.run_id, info.step_key, info.attempt)
+            may_continue = (
+                info.queue if info.timeout_seconds is None and time.monotonic() < deadline else None
+            )
+            final = self._attempt(ids, info, may_continue)
+            if final is None:
+                return outcome
+            ended = self._record(final)
+            if not ended.applied:
+                log.warning(
+                    "result of %s dropped: %s (%s)", final.describe(), ended.reason, ended.detail
+                )
+                return ended
+            self.push(ended.followups)
+            if not ended.continued:
+                return ended
+            outcome = ended
+
+    def _attempt(
+        self, ids: _Ids, info: StepContextInfo, continue_on: str | None
+    ) -> CompleteStep | FailStep | None:
+        """Run one started attempt under a heartbeat; None if its lease was taken over."""
 
         def beat() -> bool:
-            return (
-                self.ledger.extend_lease(command.run_id, command.step_key, command.attempt)
-                is not None
-            )
+            return self.ledger.extend_lease(ids.run_id, ids.step_key, ids.attempt) is not None
 
         ctx = StepContext(
-            run_id=command.run_id,
-            step_key=command.step_key,
-            attempt=command.attempt,
+            run_id=ids.run_id,
+            step_key=ids.step_key,
+            attempt=ids.attempt,
             max_attempts=info.max_attempts,
             input=info.run_input,
             upstream=info.upstream,
@@ -110,18 +139,15 @@ class StepRunner:
         )
         with _Heartbeat(beat, self.heartbeat_interval, ctx._lost):
             try:
-                final: CompleteStep | FailStep = self._call(command, ctx)
+                return self._call(ids, ctx, continue_on)
             except LeaseLost:
-                log.warning("%s lost its lease; its result is discarded", command.describe())
-                return started
-        ended = self._record(final)
-        if ended.applied:
-            self.push(ended.followups)
-        else:
-            log.warning(
-                "result of %s dropped: %s (%s)", command.describe(), ended.reason, ended.detail
-            )
-        return ended
+                log.warning(
+                    "%s/%s attempt %d lost its lease; its result is discarded",
+                    ids.run_id,
+                    ids.step_key,
+                    ids.attempt,
+                )
+                return None
 
     def _record(self, final: CompleteStep | FailStep) -> Outcome:
         """Apply the result, riding out a database restart for as long as the lease lasts.
@@ -141,16 +167,17 @@ class StepRunner:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _call(self, command: StartStep, ctx: StepContext) -> CompleteStep | FailStep:
-        ids = _Ids(command.run_id, command.step_key, command.attempt)
+    def _call(
+        self, ids: _Ids, ctx: StepContext, continue_on: str | None
+    ) -> CompleteStep | FailStep:
         try:
             wf = get_workflow(ctx.workflow)
         except UnknownWorkflow as exc:
             return ids.fail(str(exc), "UnknownWorkflow", retryable=True)
-        step = wf.steps.get(command.step_key)
+        step = wf.steps.get(ids.step_key)
         if step is None:
             return ids.fail(
-                f"workflow {wf.name!r} has no step {command.step_key!r} in this worker",
+                f"workflow {wf.name!r} has no step {ids.step_key!r} in this worker",
                 "UnknownStep",
                 retryable=False,
             )
@@ -169,7 +196,11 @@ class StepRunner:
         try:
             json.dumps(output, allow_nan=False)
             return CompleteStep(
-                run_id=ids.run_id, step_key=ids.step_key, attempt=ids.attempt, output=output
+                run_id=ids.run_id,
+                step_key=ids.step_key,
+                attempt=ids.attempt,
+                output=output,
+                continue_on=continue_on,
             )
         except (TypeError, ValueError) as exc:
             # Not JSON the ledger can store (a tuple, int keys, NaN, a NUL character): retrying

@@ -183,13 +183,25 @@ class Sim:
             self.send(parse_obj(item.command))  # through the wire format, like a job
         if isinstance(command, StartStep):
             self.work(command, outcome)
+        elif outcome.continued:
+            # The completion started a dependant in place: its sender now runs that one.
+            assert outcome.step_context is not None
+            ctx = outcome.step_context
+            self.work(
+                StartStep(run_id=command.run_id, step_key=ctx.step_key, attempt=ctx.attempt),
+                outcome,
+            )
 
     def work(self, start: StartStep, outcome: Outcome) -> None:
         """What the worker that won this attempt ends up sending."""
         fate = self.rng.choices(FATES, weights=self.plan.fate_weights)[0]
         run, key, n = start.run_id, start.step_key, start.attempt
         if fate == "complete":
-            self.send(CompleteStep(run_id=run, step_key=key, attempt=n, output={key: n}))
+            # Half the workers offer to continue in place (CompleteStep.continue_on).
+            here = "default" if self.rng.random() < 0.5 else None
+            self.send(
+                CompleteStep(run_id=run, step_key=key, attempt=n, output={key: n}, continue_on=here)
+            )
         elif fate in ("fail", "fatal"):
             retryable = fate == "fail"
             self.send(

@@ -180,8 +180,18 @@ def test_every_job_delivered_twice_changes_nothing_and_every_duplicate_is_record
     by_kind = {(d["reason"], d["command_type"]): 0 for d in drops}
     for d in drops:
         by_kind[(d["reason"], d["command_type"])] += d["n"]
-    # One start_run and four start_step duplicates per run, each recorded as a duplicate.
-    assert by_kind == {("duplicate", "start_run"): 20, ("duplicate", "start_step"): 80}
+    # Every job that carried a command was delivered twice: one start_run per run, and one
+    # start_step per step that travelled as a job. The other steps were started in place by
+    # the completion that made them ready (`first`, then one of `left`/`right`, travel; the
+    # other branch and the join `last` run in place), so they have no job to duplicate.
+    (jobs,) = rows(
+        db_url,
+        "SELECT count(*) AS n FROM executor.receipts WHERE run_id = ANY(%s)"
+        " AND command_type = 'start_step' AND outcome = 'applied'",
+        run_ids,
+    )
+    assert jobs["n"] == 2 * len(run_ids)
+    assert by_kind == {("duplicate", "start_run"): 20, ("duplicate", "start_step"): jobs["n"]}
     assert_verified(db_url)
 
 
