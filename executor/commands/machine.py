@@ -26,6 +26,7 @@ from executor.commands.models import (
     RetryStep,
     StartRun,
     StartStep,
+    unplanned_start,
 )
 from executor.commands.state import (
     RUN_TERMINAL,
@@ -121,17 +122,7 @@ def decide(
             input=command.input,
             concurrency_key=command.concurrency_key,
         )
-        t.followups.append(
-            FollowUp(
-                "default",
-                StartRun.model_construct(
-                    run_id=command.run_id,
-                    idempotency_key=f"start_run:{command.run_id}",
-                    workflow=command.workflow,
-                    steps=(),
-                ),
-            )
-        )
+        t.followups.append(FollowUp("default", unplanned_start(command.run_id, command.workflow)))
         return t
 
     if run is None:
@@ -240,6 +231,8 @@ def _start_run(t: Transition, command: StartRun) -> None:
             backoff=step.backoff,
         )
     advance(t)
+    if command.continue_on is not None:
+        _continue_inline(t, command.continue_on)
 
 
 def _cancel_run(t: Transition, command: CancelRun) -> None:

@@ -113,12 +113,17 @@ class CreateRun(_CommandBase):
 
 
 class StartRun(_CommandBase):
-    """pending → running: record the step graph and queue the steps with no upstream."""
+    """pending → running: record the step graph and queue the steps with no upstream.
+
+    `continue_on`, as for CompleteStep: the worker that plans the run will run one root step
+    of that queue itself, started in this same transaction.
+    """
 
     type: Literal["start_run"] = "start_run"
     idempotency_key: Key = Field(default="", validate_default=False)
     workflow: Identifier
     steps: tuple[StepSpec, ...] = Field(min_length=1, max_length=10_000)
+    continue_on: Identifier | None = None
 
     @model_validator(mode="after")
     def _graph_is_closed(self) -> StartRun:
@@ -134,6 +139,21 @@ class StartRun(_CommandBase):
                 raise ValueError(f"step {s.step_key!r} depends on unknown {sorted(missing)}")
         _check_acyclic(self.steps)
         return self
+
+
+def unplanned_start(run_id: str, workflow: str) -> StartRun:
+    """The start_run job a new run gets: no steps yet, a worker that knows `workflow` plans it.
+
+    Not valid as it stands (a start_run needs steps), so it is built without validation and
+    only ever sent as a job; the worker fills the graph in before applying it.
+    """
+    return StartRun.model_construct(
+        run_id=run_id,
+        idempotency_key=f"start_run:{run_id}",
+        workflow=workflow,
+        steps=(),
+        continue_on=None,
+    )
 
 
 class DispatchStep(_SystemStepCommand):

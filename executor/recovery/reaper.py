@@ -29,7 +29,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from executor.commands.models import DispatchStep, ExpireLease, StartStep
+from executor.commands.models import DispatchStep, ExpireLease, StartStep, unplanned_start
 from executor.errors import LedgerBusy
 from executor.ledger.handler import Ledger
 from executor.transport.dispatch import Dispatcher
@@ -170,13 +170,7 @@ def reap(
 
     for row in pending:
         key = f"start_run:{row['run_id']}"
-        command_json = {
-            "type": "start_run",
-            "run_id": row["run_id"],
-            "idempotency_key": key,
-            "workflow": row["workflow"],
-            "steps": [],
-        }
+        command_json = unplanned_start(row["run_id"], row["workflow"]).model_dump(mode="json")
         result = dispatcher.ensure_job(
             command_json, settings.default_queue, replace_started_after=grace
         )

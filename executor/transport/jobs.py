@@ -46,10 +46,14 @@ _PLACEHOLDER = [{"step_key": "_planned_by_worker"}]
 def deliver(command: dict[str, Any]) -> str:
     """RQ entry point: apply one command; returns a one-line account of what happened."""
     job = get_current_job()
-    return handle(get_runtime(), command, job_timeout=job.timeout if job else None)
+    if job is None:
+        return handle(get_runtime(), command)
+    return handle(get_runtime(), command, job_timeout=job.timeout, queue=job.origin)
 
 
-def handle(runtime: Runtime, payload: Any, *, job_timeout: float | None = None) -> str:
+def handle(
+    runtime: Runtime, payload: Any, *, job_timeout: float | None = None, queue: str | None = None
+) -> str:
     """Decode, route and apply one command payload (already JSON-decoded).
 
     A step job may go on to run dependants in place for half its `job_timeout`, so the
@@ -65,8 +69,9 @@ def handle(runtime: Runtime, payload: Any, *, job_timeout: float | None = None) 
         return f"dropped invalid_payload: {exc}"
 
     try:
+        budget = (job_timeout or 0) / 2
         if isinstance(command, StartStep):
-            outcome = runtime.runner.run(command, continue_for=(job_timeout or 0) / 2)
+            outcome = runtime.runner.run(command, continue_for=budget)
         else:
             if isinstance(command, StartRun) and not command.steps:
                 retry = runtime.settings.retry
@@ -74,9 +79,12 @@ def handle(runtime: Runtime, payload: Any, *, job_timeout: float | None = None) 
                     command,
                     max_attempts=retry.max_attempts,
                     backoff=BackoffPolicy.model_validate(retry.backoff.model_dump()),
+                    continue_on=_ledger_queue(runtime, queue) if budget else None,
                 )
             outcome = runtime.ledger.apply(command)
             runtime.dispatcher.push(outcome.followups)
+            if outcome.continued:
+                outcome = runtime.runner.run_started(command.run_id, outcome, continue_for=budget)
     except ConcurrencyKeyTaken as exc:
         # The ledger recorded the refusal; a retried job would only be refused again.
         log.info("dropped %s: %s", command.describe(), exc)
@@ -85,6 +93,13 @@ def handle(runtime: Runtime, payload: Any, *, job_timeout: float | None = None) 
     if outcome.dropped:
         log.info("%s: %s", command.describe(), summary)
     return summary
+
+
+def _ledger_queue(runtime: Runtime, queue: str | None) -> str | None:
+    """The queue name steps use for the RQ queue this job came from (`default` is an alias)."""
+    if queue is None:
+        return None
+    return "default" if queue == runtime.dispatcher.route("default") else queue
 
 
 def decode(payload: Any) -> Command:

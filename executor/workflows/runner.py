@@ -34,11 +34,16 @@ Push = Callable[[Sequence[OutboxItem]], None]
 
 
 def plan_run(
-    command: StartRun, *, max_attempts: int = 3, backoff: BackoffPolicy | None = None
+    command: StartRun,
+    *,
+    max_attempts: int = 3,
+    backoff: BackoffPolicy | None = None,
+    continue_on: str | None = None,
 ) -> StartRun:
     """Fill a start_run job's step graph from the workflow registered in this process.
 
-    `max_attempts` and `backoff` are the configured defaults for steps that set neither.
+    `max_attempts` and `backoff` are the configured defaults for steps that set neither;
+    `continue_on` offers to run a root step of that queue in place (StartRun.continue_on).
     """
     if command.steps:
         return command
@@ -48,6 +53,7 @@ def plan_run(
         workflow=command.workflow,
         steps=wf.specs(max_attempts=max_attempts, backoff=backoff),
         idempotency_key=command.idempotency_key,
+        continue_on=continue_on,
     )
 
 
@@ -97,11 +103,15 @@ class StepRunner:
         if not outcome.applied:
             log.info("not running %s: %s (%s)", command.describe(), outcome.reason, outcome.detail)
             return outcome
+        return self.run_started(command.run_id, outcome, continue_for=continue_for)
+
+    def run_started(self, run_id: str, outcome: Outcome, *, continue_for: float = 0.0) -> Outcome:
+        """Run the attempt an applied command already started (its `step_context`), and on."""
         deadline = time.monotonic() + continue_for
         while True:
             info = outcome.step_context
             assert info is not None
-            ids = _Ids(command.run_id, info.step_key, info.attempt)
+            ids = _Ids(run_id, info.step_key, info.attempt)
             may_continue = (
                 info.queue if info.timeout_seconds is None and time.monotonic() < deadline else None
             )

@@ -131,3 +131,14 @@ def test_without_a_budget_the_runner_runs_only_its_own_step(pool: Pool) -> None:
     pushed: list[OutboxItem] = []
     StepRunner(ledger, pushed.extend).run(StartStep(run_id="r5", step_key="one", attempt=1))
     assert [p.command["step_key"] for p in pushed] == ["two"]
+
+
+def test_the_worker_planning_a_run_may_start_a_root_step_in_place(pool: Pool, db_url: str) -> None:
+    ledger = Ledger(pool)
+    ledger.apply(CreateRun(run_id="r6", workflow="w", idempotency_key="c-r6"))
+    started = ledger.apply(StartRun(run_id="r6", workflow="w", steps=FAN, continue_on="default"))
+    assert started.continued
+    assert started.step_context is not None
+    assert started.step_context.step_key == "first"
+    assert started.followups == ()  # the only root runs in place
+    assert_verified(db_url)

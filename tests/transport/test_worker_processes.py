@@ -181,16 +181,16 @@ def test_every_job_delivered_twice_changes_nothing_and_every_duplicate_is_record
     for d in drops:
         by_kind[(d["reason"], d["command_type"])] += d["n"]
     # Every job that carried a command was delivered twice: one start_run per run, and one
-    # start_step per step that travelled as a job. The other steps were started in place by
-    # the completion that made them ready (`first`, then one of `left`/`right`, travel; the
-    # other branch and the join `last` run in place), so they have no job to duplicate.
+    # start_step per step that travelled as a job. The others were started in place by the
+    # transaction that made them ready (`first` by the start_run, one branch by `first`'s
+    # completion, the join `last` by the second branch's), so only the other branch travels.
     (jobs,) = rows(
         db_url,
         "SELECT count(*) AS n FROM executor.receipts WHERE run_id = ANY(%s)"
         " AND command_type = 'start_step' AND outcome = 'applied'",
         run_ids,
     )
-    assert jobs["n"] == 2 * len(run_ids)
+    assert jobs["n"] == len(run_ids)
     assert by_kind == {("duplicate", "start_run"): 20, ("duplicate", "start_step"): jobs["n"]}
     assert_verified(db_url)
 
