@@ -142,6 +142,9 @@ class Client:
 
     def apply(self, command: Command) -> Outcome:
         """Commit the command now and push the jobs it caused; returns the outcome."""
+        if getattr(command, "continue_on", None) is not None:
+            # It promises to run the step it starts; only the worker running the chain can.
+            raise ExecutorError("continue_on is for the worker that will run the started step")
         outcome = self.ledger.apply(command)
         if outcome.followups:
             self.dispatcher.push(outcome.followups)

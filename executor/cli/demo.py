@@ -20,7 +20,7 @@ from rq import Queue
 
 from executor.cli.procs import worker_env, worker_processes
 from executor.client import Client
-from executor.commands.models import CancelRun, CompleteStep, StartStep
+from executor.commands.models import CancelRun, CompleteStep, StartStep, wire
 from executor.commands.state import RUN_TERMINAL
 from executor.ledger.verify import verify
 from executor.storage.db import connect
@@ -131,7 +131,7 @@ def _redeliver_late(client: Client, run_ids: list[str]) -> int:
             StartStep(run_id=run_id, step_key=step_key, attempt=attempt),
             CompleteStep(run_id=run_id, step_key=step_key, attempt=attempt, output=r["output"]),
         ):
-            queue.enqueue(DELIVER, command.model_dump(mode="json"), job_id=f"late-{uuid4().hex}")
+            queue.enqueue(DELIVER, wire(command), job_id=f"late-{uuid4().hex}")
             sent += 1
     return sent
 

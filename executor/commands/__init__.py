@@ -19,6 +19,7 @@ from executor.commands.models import (
     dump,
     parse,
     parse_obj,
+    wire,
 )
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "dump",
     "parse",
     "parse_obj",
+    "wire",
 ]

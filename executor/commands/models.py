@@ -284,7 +284,13 @@ def parse_obj(obj: Any) -> Command:
 
 
 def dump(command: Command) -> str:
-    return command.model_dump_json()
+    return command.model_dump_json(exclude_none=True)
+
+
+def wire(command: Command) -> dict[str, Any]:
+    """The JSON object a job carries. Unset optional fields are left out, so a worker one
+    version behind, which does not know a newer optional field, still accepts the job."""
+    return command.model_dump(mode="json", exclude_none=True)
 
 
 def _explain(exc: ValueError) -> str:

@@ -28,7 +28,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from executor.commands.machine import Drop, Transition, decide
-from executor.commands.models import Command, CreateRun, StartStep
+from executor.commands.models import Command, CreateRun, StartStep, wire
 from executor.commands.state import RunRow, StepRow
 from executor.errors import ConcurrencyKeyTaken, LedgerBusy
 from executor.ledger import queries as q
@@ -143,6 +143,29 @@ class Ledger:
             return None
         expires: datetime = row["lease_expires_at"]
         return expires
+
+    def started_by(self, run_id: str, idempotency_key: str) -> StepContext | None:
+        """The step a command started in place, if it is still running that attempt.
+
+        For a sender whose commit went through but whose answer was lost (CompleteStep with
+        `continue_on`): nobody else will run that step, so the sender must.
+        """
+        with self.pool.connection() as conn:
+            row = conn.execute(q.STARTED_BY, (run_id, idempotency_key)).fetchone()
+            if row is None:
+                return None
+            upstream = conn.execute(q.OUTPUTS, (run_id, list(row["depends_on"]))).fetchall()
+        return StepContext(
+            step_key=row["step_key"],
+            attempt=row["attempt"],
+            queue=row["queue"],
+            workflow=row["workflow"],
+            run_input=row["input"],
+            upstream={r["step_key"]: r["output"] for r in upstream},
+            timeout_seconds=row["timeout_seconds"],
+            lease_expires_at=row["lease_expires_at"],
+            max_attempts=row["max_attempts"],
+        )
 
     def _apply_once(self, command: Command) -> tuple[Outcome, ConcurrencyKeyTaken | None]:
         # BEGIN and COMMIT are sent by hand inside one pipeline: psycopg's transaction()
@@ -297,7 +320,7 @@ class Ledger:
                 "e_payload": [Jsonb(e.payload) for e in t.events],
                 "o_queue": [f.queue for f in t.followups],
                 "o_key": [f.command.idempotency_key for f in t.followups],
-                "o_command": [Jsonb(f.command.model_dump(mode="json")) for f in t.followups],
+                "o_command": [Jsonb(wire(f.command)) for f in t.followups],
                 "o_not_before": [f.not_before for f in t.followups],
                 "o_timeout": [f.timeout_seconds for f in t.followups],
             },

@@ -97,6 +97,21 @@ FROM unnest(%(o_queue)s::text[], %(o_key)s::text[], %(o_command)s::jsonb[],
 RETURNING outbox_id, run_id, queue, idempotency_key, command, not_before, timeout_seconds
 """
 
+STARTED_BY = """
+SELECT s.step_key, s.attempt, s.queue, s.timeout_seconds, s.lease_expires_at, s.max_attempts,
+       s.depends_on, r.workflow, r.input
+FROM executor.events AS e
+JOIN executor.steps AS s
+  ON s.run_id = e.run_id AND s.step_key = e.step_key AND s.attempt = e.attempt
+ AND s.status = 'running'
+JOIN executor.runs AS r ON r.run_id = e.run_id AND r.status = 'running'
+WHERE e.run_id = %s AND e.idempotency_key = %s AND e.type = 'step_started'
+"""
+
+OUTPUTS = """
+SELECT step_key, output FROM executor.steps WHERE run_id = %s AND step_key = ANY(%s)
+"""
+
 # Heartbeats extend a lease without an event; the attempt and status in the WHERE clause are
 # the fence: a superseded attempt updates nothing and learns it lost the lease.
 EXTEND_LEASE = """

@@ -29,7 +29,13 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from executor.commands.models import DispatchStep, ExpireLease, StartStep, unplanned_start
+from executor.commands.models import (
+    DispatchStep,
+    ExpireLease,
+    StartStep,
+    unplanned_start,
+    wire,
+)
 from executor.errors import LedgerBusy
 from executor.ledger.handler import Ledger
 from executor.transport.dispatch import Dispatcher
@@ -139,7 +145,7 @@ def reap(
     for row in queued:
         start = StartStep(run_id=row["run_id"], step_key=row["step_key"], attempt=row["attempt"])
         result = dispatcher.ensure_job(
-            start.model_dump(mode="json"),
+            wire(start),
             row["queue"],
             step_timeout=row["timeout_seconds"],
             replace_started_after=grace,
@@ -170,7 +176,7 @@ def reap(
 
     for row in pending:
         key = f"start_run:{row['run_id']}"
-        command_json = unplanned_start(row["run_id"], row["workflow"]).model_dump(mode="json")
+        command_json = wire(unplanned_start(row["run_id"], row["workflow"]))
         result = dispatcher.ensure_job(
             command_json, settings.default_queue, replace_started_after=grace
         )

@@ -39,7 +39,7 @@ from rq.exceptions import DuplicateJobError
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 
-from executor.commands.models import Command
+from executor.commands.models import Command, wire
 from executor.ledger.outcome import OutboxItem
 from executor.transport.serializer import JSONCommandSerializer
 from queue_config import ExecutorSettings
@@ -153,7 +153,7 @@ class Dispatcher:
 
         Unlike `push`, Redis errors raise: nothing durable holds this command yet.
         """
-        self.ensure_job(command.model_dump(mode="json"), queue or self.settings.default_queue)
+        self.ensure_job(wire(command), queue or self.settings.default_queue)
         return job_id_for(command.idempotency_key)
 
     def ensure_job(

@@ -21,6 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import signal
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from rq import get_current_job
@@ -69,9 +73,9 @@ def handle(
         return f"dropped invalid_payload: {exc}"
 
     try:
-        budget = (job_timeout or 0) / 2
+        budget, rearm = _in_place_budget(job_timeout)
         if isinstance(command, StartStep):
-            outcome = runtime.runner.run(command, continue_for=budget)
+            outcome = runtime.runner.run(command, continue_for=budget, on_continue=rearm)
         else:
             if isinstance(command, StartRun) and not command.steps:
                 retry = runtime.settings.retry
@@ -84,7 +88,9 @@ def handle(
             outcome = runtime.ledger.apply(command)
             runtime.dispatcher.push(outcome.followups)
             if outcome.continued:
-                outcome = runtime.runner.run_started(command.run_id, outcome, continue_for=budget)
+                outcome = runtime.runner.run_started(
+                    command.run_id, outcome, continue_for=budget, on_continue=rearm
+                )
     except ConcurrencyKeyTaken as exc:
         # The ledger recorded the refusal; a retried job would only be refused again.
         log.info("dropped %s: %s", command.describe(), exc)
@@ -93,6 +99,31 @@ def handle(
     if outcome.dropped:
         log.info("%s: %s", command.describe(), summary)
     return summary
+
+
+# Cleared by the forking worker: its parent kills a job's process at the job's original
+# deadline, which no alarm re-armed inside the process can move.
+CONTINUE_IN_PLACE = True
+
+
+def _in_place_budget(job_timeout: float | None) -> tuple[float, Callable[[], None] | None]:
+    """How long a job may go on running dependants in place, and how to re-arm its timeout.
+
+    RQ arms one SIGALRM per job; a step run in place gets the whole timeout again, as it
+    would have in a job of its own. Only in the main thread of an in-process worker.
+    """
+    if (
+        not CONTINUE_IN_PLACE
+        or job_timeout is None
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        return 0.0, None
+    seconds = math.ceil(job_timeout)
+
+    def rearm() -> None:
+        signal.alarm(seconds)
+
+    return job_timeout / 2, rearm
 
 
 def _ledger_queue(runtime: Runtime, queue: str | None) -> str | None:

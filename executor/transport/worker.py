@@ -67,6 +67,7 @@ from rq.worker import BaseWorker, SimpleWorker, Worker
 
 from executor.commands.models import COMMAND_TYPES
 from executor.errors import ConfigurationError, InvalidCommand
+from executor.transport import jobs
 from executor.transport.dispatch import DELIVER
 from executor.transport.jobs import decode
 from executor.transport.runtime import configure_runtime, get_runtime
@@ -265,7 +266,14 @@ class ExecutorWorker(_ExecutorWorkerMixin, SimpleWorker):
 
 
 class ExecutorForkingWorker(_ExecutorWorkerMixin, Worker):
-    """RQ's forking worker with our screening and sweep; each job runs in a fresh child."""
+    """RQ's forking worker with our screening and sweep; each job runs in a fresh child.
+
+    Its jobs do not run dependants in place (see jobs.CONTINUE_IN_PLACE).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        jobs.CONTINUE_IN_PLACE = False
 
 
 WORKER_CLASSES: dict[str, type[_ExecutorWorkerMixin]] = {

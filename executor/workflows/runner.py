@@ -91,7 +91,13 @@ class StepRunner:
         self.push = push
         self.heartbeat_interval = heartbeat_interval
 
-    def run(self, command: StartStep, *, continue_for: float = 0.0) -> Outcome:
+    def run(
+        self,
+        command: StartStep,
+        *,
+        continue_for: float = 0.0,
+        on_continue: Callable[[], None] | None = None,
+    ) -> Outcome:
         """Run the attempt `command` starts, then, for up to `continue_for` seconds, the
         dependants its completions start in place.
 
@@ -103,31 +109,51 @@ class StepRunner:
         if not outcome.applied:
             log.info("not running %s: %s (%s)", command.describe(), outcome.reason, outcome.detail)
             return outcome
-        return self.run_started(command.run_id, outcome, continue_for=continue_for)
+        return self.run_started(
+            command.run_id, outcome, continue_for=continue_for, on_continue=on_continue
+        )
 
-    def run_started(self, run_id: str, outcome: Outcome, *, continue_for: float = 0.0) -> Outcome:
-        """Run the attempt an applied command already started (its `step_context`), and on."""
+    def run_started(
+        self,
+        run_id: str,
+        outcome: Outcome,
+        *,
+        continue_for: float = 0.0,
+        on_continue: Callable[[], None] | None = None,
+    ) -> Outcome:
+        """Run the attempt an applied command already started (its `step_context`), and on.
+
+        `on_continue` runs before each step started in place (the transport re-arms the job's
+        timeout there, so every step gets a whole one).
+        """
         deadline = time.monotonic() + continue_for
-        while True:
-            info = outcome.step_context
-            assert info is not None
+        info = outcome.step_context
+        last = outcome
+        while info is not None:
+            if last is not outcome and on_continue is not None:
+                on_continue()
             ids = _Ids(run_id, info.step_key, info.attempt)
             may_continue = (
                 info.queue if info.timeout_seconds is None and time.monotonic() < deadline else None
             )
             final = self._attempt(ids, info, may_continue)
             if final is None:
-                return outcome
-            ended = self._record(final)
-            if not ended.applied:
+                return last
+            ended, ambiguous = self._record(final)
+            last = ended
+            if ended.applied:
+                self.push(ended.followups)
+                info = ended.step_context if ended.continued else None
+            elif ambiguous and ended.reason == "duplicate":
+                # Our first try committed but its answer was lost. If that commit started a
+                # step for us to run in place, nobody else will run it: find it and go on.
+                info = self.ledger.started_by(run_id, final.idempotency_key)
+            else:
                 log.warning(
                     "result of %s dropped: %s (%s)", final.describe(), ended.reason, ended.detail
                 )
                 return ended
-            self.push(ended.followups)
-            if not ended.continued:
-                return ended
-            outcome = ended
+        return last
 
     def _attempt(
         self, ids: _Ids, info: StepContextInfo, continue_on: str | None
@@ -159,18 +185,20 @@ class StepRunner:
                 )
                 return None
 
-    def _record(self, final: CompleteStep | FailStep) -> Outcome:
+    def _record(self, final: CompleteStep | FailStep) -> tuple[Outcome, bool]:
         """Apply the result, riding out a database restart for as long as the lease lasts.
 
-        A commit whose acknowledgement was lost comes back as a duplicate on the next try;
-        its follow-ups are then pushed by the relay instead of by us.
+        Returns the outcome and whether an earlier try may have committed unseen: such a
+        commit comes back as a duplicate, and its follow-ups are pushed by the relay.
         """
         deadline = time.monotonic() + self.ledger.lease_seconds
         delay = 0.1
+        ambiguous = False
         while True:
             try:
-                return self.ledger.apply(final)
+                return self.ledger.apply(final), ambiguous
             except psycopg.OperationalError:
+                ambiguous = True
                 if time.monotonic() + delay > deadline:
                     raise
                 log.warning("could not record %s; retrying in %.1fs", final.describe(), delay)

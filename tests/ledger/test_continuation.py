@@ -142,3 +142,43 @@ def test_the_worker_planning_a_run_may_start_a_root_step_in_place(pool: Pool, db
     assert started.step_context.step_key == "first"
     assert started.followups == ()  # the only root runs in place
     assert_verified(db_url)
+
+
+class LosesOneAnswer(Ledger):
+    """Commits the first continuing completion, then reports the connection as lost."""
+
+    lost = False
+
+    def apply(self, command: Any) -> Any:
+        outcome = super().apply(command)
+        if getattr(command, "continue_on", None) and not self.lost:
+            self.lost = True
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return outcome
+
+
+def test_a_lost_answer_does_not_orphan_the_step_it_started(pool: Pool, db_url: str) -> None:
+    ledger = LosesOneAnswer(pool)
+    ledger.apply(CreateRun(run_id="r7", workflow="t_chain", idempotency_key="c-r7"))
+    ledger.apply(StartRun(run_id="r7", workflow="t_chain", steps=chain.specs()))
+    runner = StepRunner(ledger, lambda items: None)
+    runner.run(StartStep(run_id="r7", step_key="one", attempt=1), continue_for=60)
+    assert ledger.lost
+    with pool.connection() as conn:
+        run = conn.execute("SELECT status FROM executor.runs WHERE run_id = 'r7'").fetchone()
+    assert run is not None
+    assert run["status"] == "completed"  # `two`, started by the unseen commit, still ran
+    assert_verified(db_url)
+
+
+def test_each_step_run_in_place_gets_the_hook_that_re_arms_its_timeout(pool: Pool) -> None:
+    ledger = Ledger(pool)
+    ledger.apply(CreateRun(run_id="r8", workflow="t_chain", idempotency_key="c-r8"))
+    ledger.apply(StartRun(run_id="r8", workflow="t_chain", steps=chain.specs()))
+    calls: list[int] = []
+    StepRunner(ledger, lambda items: None).run(
+        StartStep(run_id="r8", step_key="one", attempt=1),
+        continue_for=60,
+        on_continue=lambda: calls.append(1),
+    )
+    assert len(calls) == 2  # before `two` and before `three`, not before `one`
