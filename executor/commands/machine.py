@@ -72,7 +72,6 @@ class Transition:
     lease_seconds: float
     events: list[NewEvent] = field(default_factory=list)
     followups: list[FollowUp] = field(default_factory=list)
-    run_dirty: bool = False
     run_created: bool = False
     reopened: bool = False
     continued: StepRow | None = None
@@ -91,7 +90,6 @@ class Transition:
         self.run.status = status
         for name, value in fields.items():
             setattr(self.run, name, value)
-        self.run_dirty = True
 
 
 def decide(
@@ -115,7 +113,7 @@ def decide(
             error=None,
             last_seq=0,
         )
-        t = Transition(new_run, {}, now, lease_seconds, run_dirty=True, run_created=True)
+        t = Transition(new_run, {}, now, lease_seconds, run_created=True)
         t.emit(
             "run_created",
             workflow=command.workflow,

@@ -222,7 +222,7 @@ class Ledger:
             self._record_drop(conn, command, drop.reason, drop.detail)
             return self._dropped(command, drop.reason, drop.detail), None, None
 
-        conflict = self._check_key(conn, command, t)
+        conflict = self._claim_run(conn, command, t)
         if conflict is not None:
             return self._dropped(command, "invalid_transition", str(conflict)), conflict, None
 
@@ -232,21 +232,24 @@ class Ledger:
             self.hooks.before_commit(command)
         return self._applied(command, t, ()), None, outbox_cur
 
-    def _check_key(self, conn: Conn, command: Command, t: Transition) -> ConcurrencyKeyTaken | None:
-        """Hold I5 for launches and reopening retries; record the refusal if the key is taken."""
+    def _claim_run(self, conn: Conn, command: Command, t: Transition) -> ConcurrencyKeyTaken | None:
+        """Insert a launched run, or check a reopened one, against I5; record any refusal.
+
+        A launch writes its receipt before its row, so a concurrent delivery of the same key
+        waits on the receipt and is then a duplicate, never a rival for the concurrency key.
+        """
         key = t.run.concurrency_key
-        if key is None:
-            return None
         if t.run_created:
-            self._insert_receipt(conn, command, "applied", None, 1, 1)
+            self._insert_receipt(conn, command, "applied", None, 1, len(t.events))
             inserted = conn.execute(
                 q.INSERT_RUN,
-                (t.run.run_id, t.run.workflow, "pending", key, Jsonb(t.run.input), 1),
+                (t.run.run_id, t.run.workflow, "pending", key, Jsonb(t.run.input), len(t.events)),
             ).fetchone()
             if inserted is not None:
                 return None
-        elif not t.reopened:
+        elif key is None or not t.reopened:
             return None
+        assert key is not None
         holder = conn.execute(q.KEY_HOLDER, (key, t.run.run_id)).fetchone()
         if holder is None:
             if t.run_created:
@@ -267,13 +270,6 @@ class Ledger:
         first = t.run.last_seq + 1
         last = t.run.last_seq + len(t.events)
         run = t.run
-        # A launch with a concurrency key already wrote its receipt and row in _check_key.
-        with_receipt = not (t.run_created and run.concurrency_key is not None)
-        if t.run_created and run.concurrency_key is None:
-            conn.execute(
-                q.INSERT_RUN,
-                (run.run_id, run.workflow, "pending", None, Jsonb(run.input), last),
-            )
         new = [s for s in t.steps.values() if s.new]
         if new:
             conn.execute(
@@ -302,7 +298,7 @@ class Ledger:
                 "command": Jsonb(command.model_dump(mode="json")),
                 "first_seq": first,
                 "last_seq": last,
-                "with_receipt": with_receipt,
+                "with_receipt": not t.run_created,  # a launch's receipt is in _claim_run
                 "s_key": [s.step_key for s in changed],
                 "s_status": [s.status for s in changed],
                 "s_attempt": [s.attempt for s in changed],

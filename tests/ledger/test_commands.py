@@ -307,7 +307,6 @@ def followup_keys(t: Transition) -> list[str]:
 def test_create_run() -> None:
     t = go(CreateRun(run_id="r1", workflow="wf", input=[1], idempotency_key="c1"), None, {})
     assert t.run_created
-    assert t.run_dirty
     assert t.run.status == "pending"
     assert t.run.input == [1]
     assert t.run.last_seq == 0
