@@ -116,6 +116,39 @@ def _paginate(
     return rows, cursor(rows[-1]) if more else None, prev
 
 
+def _keyset_page(
+    pool: Pool,
+    select: str,
+    where: list[str],
+    params: list[Any],
+    req: PageRequest,
+    order_by: tuple[str, ...],
+    key: tuple[str, ...],
+) -> tuple[list[dict[str, Any]], str | None, str | None]:
+    """One page by keyset: newest first, `order_by` columns (SQL) paired with `key` (rows).
+
+    Never an OFFSET, so a page deep in 100k runs costs what the first page costs.
+    """
+    where = list(where)
+    params = list(params)
+    order = "DESC"
+    columns = ", ".join(order_by)
+    marks = ", ".join(["%s"] * len(order_by))
+    if req.after is not None:
+        where.append(f"({columns}) < ({marks})")
+        params.extend(req.after.values)
+    elif req.before is not None:
+        where.append(f"({columns}) > ({marks})")
+        params.extend(req.before.values)
+        order = "ASC"
+    sql = select
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY " + ", ".join(f"{c} {order}" for c in order_by) + " LIMIT %s"
+    params.append(req.limit + 1)
+    return _paginate(_fetch(pool, sql, params), req, key)
+
+
 def _fetch(pool: Pool, sql: str, params: Any = ()) -> list[dict[str, Any]]:
     with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         cur.execute(sql, params)
@@ -173,21 +206,15 @@ def list_runs(pool: Pool, f: RunFilter, req: PageRequest) -> Page[RunSummary]:
     if f.run_id_prefix:
         where.append("run_id LIKE %s")
         params.append(_like_prefix(f.run_id_prefix))
-    order = "DESC"
-    if req.after is not None:
-        where.append("(created_at, run_id) < (%s, %s)")
-        params.extend(req.after.values)
-    elif req.before is not None:
-        where.append("(created_at, run_id) > (%s, %s)")
-        params.extend(req.before.values)
-        order = "ASC"
-    sql = f"SELECT {RUN_COLUMNS} FROM executor.runs"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += f" ORDER BY created_at {order}, run_id {order} LIMIT %s"
-    params.append(req.limit + 1)
-    rows = _fetch(pool, sql, params)
-    rows, nxt, prev = _paginate(rows, req, ("created_at", "run_id"))
+    rows, nxt, prev = _keyset_page(
+        pool,
+        f"SELECT {RUN_COLUMNS} FROM executor.runs",
+        where,
+        params,
+        req,
+        ("created_at", "run_id"),
+        ("created_at", "run_id"),
+    )
     counts = step_counts(pool, [r["run_id"] for r in rows])
     items = [RunSummary.from_row({**r, "steps": counts.get(r["run_id"], {})}) for r in rows]
     if not f.empty:
@@ -380,23 +407,14 @@ FROM executor.steps AS s JOIN executor.runs AS r USING (run_id)
 
 def list_failed_steps(pool: Pool, f: FailedFilter, req: PageRequest) -> Page[FailedStep]:
     where, params = _failed_where(f)
-    order = "DESC"
-    if req.after is not None:
-        where.append("(s.updated_at, s.run_id, s.step_key) < (%s, %s, %s)")
-        params.extend(req.after.values)
-    elif req.before is not None:
-        where.append("(s.updated_at, s.run_id, s.step_key) > (%s, %s, %s)")
-        params.extend(req.before.values)
-        order = "ASC"
-    sql = (
-        _FAILED_SELECT
-        + " WHERE "
-        + " AND ".join(where)
-        + f" ORDER BY s.updated_at {order}, s.run_id {order}, s.step_key {order} LIMIT %s"
-    )
-    params.append(req.limit + 1)
-    rows, nxt, prev = _paginate(
-        _fetch(pool, sql, params), req, ("updated_at", "run_id", "step_key")
+    rows, nxt, prev = _keyset_page(
+        pool,
+        _FAILED_SELECT,
+        where,
+        params,
+        req,
+        ("s.updated_at", "s.run_id", "s.step_key"),
+        ("updated_at", "run_id", "step_key"),
     )
     return Page([FailedStep.from_row(r) for r in rows], nxt, prev)
 
@@ -451,20 +469,15 @@ def list_drops(pool: Pool, f: DropFilter, req: PageRequest) -> Page[Drop]:
     if f.received_from:
         where.append("received_at >= %s")
         params.append(f.received_from)
-    order = "DESC"
-    if req.after is not None:
-        where.append("drop_id < %s")
-        params.extend(req.after.values)
-    elif req.before is not None:
-        where.append("drop_id > %s")
-        params.extend(req.before.values)
-        order = "ASC"
-    sql = f"SELECT {DROP_COLUMNS} FROM executor.drops"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += f" ORDER BY drop_id {order} LIMIT %s"
-    params.append(req.limit + 1)
-    rows, nxt, prev = _paginate(_fetch(pool, sql, params), req, ("drop_id",))
+    rows, nxt, prev = _keyset_page(
+        pool,
+        f"SELECT {DROP_COLUMNS} FROM executor.drops",
+        where,
+        params,
+        req,
+        ("drop_id",),
+        ("drop_id",),
+    )
     return Page([Drop.from_row(r) for r in rows], nxt, prev)
 
 
