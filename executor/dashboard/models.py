@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -51,7 +51,22 @@ def error_traceback(error: Any) -> str | None:
     return None
 
 
-class RunSummary(_Row):
+class _ErrorShown:
+    """The error column as the pages show it: a message, and a traceback when there is one."""
+
+    if TYPE_CHECKING:  # a field on some rows, a property on events; not a field here
+        error: Any
+
+    @property
+    def error_message(self) -> str | None:
+        return error_message(self.error)
+
+    @property
+    def error_traceback(self) -> str | None:
+        return error_traceback(self.error)
+
+
+class RunSummary(_ErrorShown, _Row):
     run_id: str
     workflow: str
     status: str
@@ -63,10 +78,6 @@ class RunSummary(_Row):
     steps: dict[str, int] = {}
 
     @property
-    def error_message(self) -> str | None:
-        return error_message(self.error)
-
-    @property
     def steps_total(self) -> int:
         return sum(self.steps.values())
 
@@ -76,7 +87,7 @@ class Run(RunSummary):
     output: Any = None
 
 
-class Step(_Row):
+class Step(_ErrorShown, _Row):
     run_id: str
     step_key: str
     status: str
@@ -92,16 +103,8 @@ class Step(_Row):
     created_at: datetime
     updated_at: datetime
 
-    @property
-    def error_message(self) -> str | None:
-        return error_message(self.error)
 
-    @property
-    def error_traceback(self) -> str | None:
-        return error_traceback(self.error)
-
-
-class Event(_Row):
+class Event(_ErrorShown, _Row):
     run_id: str
     seq: int
     type: str
@@ -152,14 +155,6 @@ class Event(_Row):
             return ""
         return _compact(p) if p else ""
 
-    @property
-    def error_message(self) -> str | None:
-        return error_message(self.error)
-
-    @property
-    def error_traceback(self) -> str | None:
-        return error_traceback(self.error)
-
 
 class Drop(_Row):
     drop_id: int
@@ -175,7 +170,7 @@ class Drop(_Row):
     received_at: datetime
 
 
-class FailedStep(_Row):
+class FailedStep(_ErrorShown, _Row):
     run_id: str
     step_key: str
     attempt: int
@@ -184,14 +179,6 @@ class FailedStep(_Row):
     updated_at: datetime
     workflow: str
     run_status: str
-
-    @property
-    def error_message(self) -> str | None:
-        return error_message(self.error)
-
-    @property
-    def error_traceback(self) -> str | None:
-        return error_traceback(self.error)
 
     @property
     def retryable(self) -> bool:
