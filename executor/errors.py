@@ -35,10 +35,6 @@ class UnknownWorkflow(ExecutorError):
     """No workflow of that name is registered in this process."""
 
 
-class DisallowedJob(ExecutorError):
-    """A job named a function outside the worker's allow-list; it was not run."""
-
-
 class StepTimeout(BaseException):
     """The step ran past its timeout and was interrupted.
 

@@ -11,8 +11,6 @@ from typing import Any
 from executor.commands.models import CancelRun, PauseRun, ResumeRun, RetryStep, parse
 from executor.errors import ExecutorError
 
-Sub = "argparse._SubParsersAction[argparse.ArgumentParser]"
-
 
 def register(sub: Any) -> None:
     def verb(name: str, func: Any, help_: str) -> argparse.ArgumentParser:

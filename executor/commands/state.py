@@ -8,7 +8,6 @@ from typing import Any
 
 RUN_STATUSES = ("pending", "running", "paused", "completed", "failed", "cancelled")
 RUN_TERMINAL = frozenset({"completed", "failed", "cancelled"})
-RUN_ACTIVE = frozenset({"pending", "running", "paused"})
 
 STEP_STATUSES = ("pending", "queued", "running", "completed", "failed", "retrying", "cancelled")
 STEP_TERMINAL = frozenset({"completed", "failed", "cancelled"})

@@ -160,13 +160,3 @@ def _key_of(wf: Workflow, fn: Callable[..., Any]) -> str:
     if not isinstance(key, str):
         raise ValueError(f"{fn!r} is not a step of workflow {wf.name!r}")
     return key
-
-
-__all__ = ["FatalError", "LeaseLost", "StepContext", "StepDefinition", "Workflow"]
-
-
-def describe(workflows: Mapping[str, Workflow]) -> list[dict[str, Any]]:
-    return [
-        {"workflow": name, "steps": {k: list(s.depends_on) for k, s in wf.steps.items()}}
-        for name, wf in sorted(workflows.items())
-    ]
