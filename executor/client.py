@@ -1,4 +1,4 @@
-"""The API for apps: start runs, send commands, read state. Needs only the two URLs.
+"""The API for apps: start runs, send commands and events, read state. Needs only the URLs.
 
 No workflow code is imported here: a run is created `pending` and the first worker that
 knows the workflow plans its steps, the way a Temporal client never loads workflow code.
@@ -6,15 +6,19 @@ knows the workflow plans its steps, the way a Temporal client never loads workfl
 
 from __future__ import annotations
 
+import hashlib
+import secrets
+import threading
 import time
 import uuid
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+import psycopg
 from pydantic import BaseModel, ConfigDict
 from redis import Redis
 
-from executor.commands.models import Command, CreateRun
+from executor.commands.models import Command, CreateRun, SendEvent
 from executor.commands.state import RUN_TERMINAL
 from executor.errors import ExecutorError
 from executor.ledger.handler import Ledger
@@ -23,6 +27,9 @@ from executor.storage.db import open_pool
 
 if TYPE_CHECKING:
     from executor.transport.dispatch import Dispatcher
+
+ENDED_CHANNEL = "executor_run_ended"
+"""The handler NOTIFYs this channel with the run id in the transaction that ends a run."""
 
 
 class StepView(BaseModel):
@@ -33,6 +40,11 @@ class StepView(BaseModel):
     attempt: int
     max_attempts: int
     depends_on: list[str]
+    kind: str = "task"
+    parent_step: str | None = None
+    child_run_id: str | None = None
+    event_name: str | None = None
+    wake_at: datetime | None = None
     output: Any = None
     error: Any = None
     updated_at: datetime
@@ -45,6 +57,9 @@ class RunView(BaseModel):
     workflow: str
     status: str
     concurrency_key: str | None
+    concurrency_limit: int = 1
+    parent_run_id: str | None = None
+    parent_step_key: str | None = None
     input: Any = None
     output: Any = None
     error: Any = None
@@ -85,8 +100,13 @@ class Client:
         self.settings = load_settings()
         self.pool = open_pool(database_url, name="client", max_size=pool_size)
         self.redis = Redis.from_url(redis_url)
-        self.ledger = Ledger(self.pool, lease_seconds=self.settings.lease_seconds)
+        self.ledger = Ledger(
+            self.pool,
+            lease_seconds=self.settings.lease_seconds,
+            outbox_grace_seconds=self.settings.outbox_grace_seconds,
+        )
         self._dispatcher: Dispatcher | None = None
+        self._ended = _EndedRuns(database_url)
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -97,6 +117,7 @@ class Client:
         return self._dispatcher
 
     def close(self) -> None:
+        self._ended.close()
         self.pool.close()
         self.redis.close()
 
@@ -112,13 +133,18 @@ class Client:
         input: Any = None,
         *,
         concurrency_key: str | None = None,
+        concurrency_limit: int = 1,
+        on_conflict: Literal["reject", "queue"] = "reject",
         idempotency_key: str | None = None,
         run_id: str | None = None,
     ) -> str:
         """Create a run and hand it to the workers; returns its run id.
 
         With an `idempotency_key`, calling again returns the first call's run id instead of
-        starting a second run. Raises ConcurrencyKeyTaken naming the run that holds the key.
+        starting a second run. At most `concurrency_limit` runs hold a `concurrency_key`;
+        when all its slots are taken the launch raises ConcurrencyKeyTaken naming a holder
+        (`on_conflict="reject"`) or waits `queued` for a slot (`"queue"`). A refused launch
+        does not use up its idempotency key: retried once the key frees, it starts the run.
         """
         run_id = run_id or uuid.uuid4().hex
         command = CreateRun(
@@ -126,6 +152,8 @@ class Client:
             workflow=workflow,
             input=input,
             concurrency_key=concurrency_key,
+            concurrency_limit=concurrency_limit,
+            on_conflict=on_conflict,
             idempotency_key=idempotency_key or f"create_run:{run_id}",
         )
         outcome = self.apply(command)
@@ -145,14 +173,46 @@ class Client:
         if getattr(command, "continue_on", None) is not None:
             # It promises to run the step it starts; only the worker running the chain can.
             raise ExecutorError("continue_on is for the worker that will run the started step")
+        if isinstance(command, CreateRun) and command.parent_run_id is not None:
+            raise ExecutorError("parent_run_id is set by the ledger, for child runs only")
         outcome = self.ledger.apply(command)
         if outcome.followups:
             self.dispatcher.push(outcome.followups)
         return outcome
 
     def submit(self, command: Command, *, queue: str = "default") -> str:
-        """Enqueue the command for a worker to apply; returns the RQ job id."""
-        return self.dispatcher.enqueue_command(command, queue)
+        """Hand the command to a worker to apply; returns the RQ job id.
+
+        Durable before it returns: the command is committed to the outbox first, and the
+        relay delivers it again (a flushed Redis, a failed job) until it is decided.
+        """
+        from executor.transport.dispatch import job_id_for
+
+        item = self.ledger.enqueue(command, queue)
+        self.dispatcher.push([item])
+        return job_id_for(command.idempotency_key)
+
+    def send_event(
+        self, run_id: str, event: str, payload: Any = None, *, idempotency_key: str
+    ) -> Outcome:
+        """Send an external event to a run: a step waiting for it completes with `payload`;
+        if none waits yet, the run keeps it for the first that does. The same key twice is a
+        `duplicate`; a finished run answers `terminal`."""
+        return self.apply(
+            SendEvent(run_id=run_id, event=event, payload=payload, idempotency_key=idempotency_key)
+        )
+
+    def hook_url(self, run_id: str, event: str, *, base_url: str | None = None) -> str:
+        """A URL a third party may POST JSON to, sending `event` (the body its payload) to
+        this run and nothing else. Unguessable; only a digest of it is stored."""
+        token = f"{run_id}~{secrets.token_urlsafe(32)}"
+        with self.pool.connection() as conn:
+            conn.execute(
+                "INSERT INTO executor.hooks (run_id, token_sha256, event) VALUES (%s, %s, %s)",
+                (run_id, hashlib.sha256(token.encode()).hexdigest(), event),
+            )
+        base = (base_url or self.settings.public_url).rstrip("/")
+        return f"{base}/hooks/{token}"
 
     def get_run(self, run_id: str) -> RunView | None:
         with self.pool.connection() as conn:
@@ -162,8 +222,10 @@ class Client:
             if run is None:
                 return None
             steps = conn.execute(
-                "SELECT step_key, status, attempt, max_attempts, depends_on, output, error, "
-                "updated_at FROM executor.steps WHERE run_id = %s ORDER BY created_at, step_key",
+                "SELECT step_key, status, attempt, max_attempts, depends_on, kind, parent_step, "
+                "child_run_id, event_name, wake_at, output, error, updated_at "
+                "FROM executor.steps WHERE run_id = %s "
+                "ORDER BY created_at, parent_step NULLS FIRST, item_index, step_key",
                 (run_id,),
             ).fetchall()
         return RunView.model_validate({**run, "steps": steps})
@@ -178,17 +240,94 @@ class Client:
             ).fetchall()
         return {r["status"]: int(r["n"]) for r in rows}
 
-    def wait(self, run_id: str, timeout: float = 60.0, *, poll: float = 0.05) -> RunView:
-        """Block until the run is completed, failed or cancelled."""
+    def wait(self, run_id: str, timeout: float = 60.0) -> RunView:
+        """Block until the run is completed, failed or cancelled.
+
+        Woken by the NOTIFY the ending transaction sends, not by polling; the status is read
+        once before listening and once per wake-up.
+        """
         deadline = time.monotonic() + timeout
-        delay = poll
-        while True:
-            view = self.get_run(run_id)
-            if view is None:
-                raise ExecutorError(f"no run {run_id}")
-            if view.done:
-                return view
-            if time.monotonic() >= deadline:
-                raise RunTimeout(f"run {run_id} is still {view.status} after {timeout:.0f}s")
-            time.sleep(delay)
-            delay = min(delay * 1.5, 1.0)
+        with self._ended.watch(run_id) as ended:
+            while True:
+                view = self.get_run(run_id)
+                if view is None:
+                    raise ExecutorError(f"no run {run_id}")
+                if view.done:
+                    return view
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RunTimeout(f"run {run_id} is still {view.status} after {timeout:.0f}s")
+                ended.wait(min(left, 5.0))  # re-read now and then: a listener may reconnect
+                ended.clear()
+
+
+class _EndedRuns:
+    """One LISTEN connection per client, shared by every `wait` of its threads."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self._lock = threading.Lock()
+        self._watchers: dict[str, list[threading.Event]] = {}
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._closed = threading.Event()
+
+    def watch(self, run_id: str) -> _Watch:
+        event = threading.Event()
+        with self._lock:
+            self._watchers.setdefault(run_id, []).append(event)
+            if self._thread is None or not self._thread.is_alive():
+                self._ready.clear()
+                self._thread = threading.Thread(
+                    target=self._listen, name="executor-wait", daemon=True
+                )
+                self._thread.start()
+        self._ready.wait(5.0)  # listening before the caller's first read: no lost wake-up
+        return _Watch(self, run_id, event)
+
+    def _forget(self, run_id: str, event: threading.Event) -> None:
+        with self._lock:
+            events = self._watchers.get(run_id, [])
+            if event in events:
+                events.remove(event)
+            if not events:
+                self._watchers.pop(run_id, None)
+
+    def _listen(self) -> None:
+        while not self._closed.is_set():
+            try:
+                with psycopg.connect(self.database_url, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {ENDED_CHANNEL}")
+                    self._ready.set()
+                    self._wake_all()  # anything may have ended while we reconnected
+                    while not self._closed.is_set():
+                        for note in conn.notifies(timeout=1.0):
+                            with self._lock:
+                                events = list(self._watchers.get(note.payload, ()))
+                            for event in events:
+                                event.set()
+            except psycopg.Error:
+                self._ready.set()
+                time.sleep(0.5)
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            for events in self._watchers.values():
+                for event in events:
+                    event.set()
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+class _Watch:
+    def __init__(self, owner: _EndedRuns, run_id: str, event: threading.Event) -> None:
+        self.owner = owner
+        self.run_id = run_id
+        self.event = event
+
+    def __enter__(self) -> threading.Event:
+        return self.event
+
+    def __exit__(self, *exc: object) -> None:
+        self.owner._forget(self.run_id, self.event)

@@ -27,6 +27,20 @@ class ConcurrencyKeyTaken(ExecutorError):
         )
 
 
+class ConcurrencyLimitConflict(ExecutorError):
+    """This launch names another limit than the runs that use the concurrency key now."""
+
+    def __init__(self, concurrency_key: str, limit_in_use: int, asked: int) -> None:
+        self.concurrency_key = concurrency_key
+        self.limit_in_use = limit_in_use
+        self.asked = asked
+        super().__init__(
+            f"concurrency key {concurrency_key!r} is in use with concurrency_limit="
+            f"{limit_in_use}; this launch asks for {asked} (a key's limit is fixed by the "
+            "launch that first uses it, until no run holds or waits for it)"
+        )
+
+
 class LedgerBusy(ExecutorError):
     """The ledger kept hitting serialization failures or deadlocks; the command was not applied."""
 

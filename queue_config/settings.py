@@ -92,7 +92,6 @@ class ExecutorSettings(_Model):
     heartbeat_interval: Seconds = 10.0
     sweep_interval: Seconds = 5.0
     outbox_grace_seconds: Annotated[float, Field(ge=0, le=86_400)] = 10.0
-    recovery_grace_seconds: Annotated[float, Field(ge=0, le=86_400)] = 15.0
     step_timeout_grace_seconds: Annotated[float, Field(ge=0, le=86_400)] = 5.0
     workflow_modules: tuple[Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*$")], ...] = (
         "executor.workflows.sample",
@@ -101,6 +100,9 @@ class ExecutorSettings(_Model):
     pool_size: Annotated[int, Field(ge=3, le=200)] = 4
     relay_batch_size: Annotated[int, Field(ge=1, le=100_000)] = 500
     retry: RetrySettings = RetrySettings()
+    public_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$", max_length=500)] = (
+        "http://127.0.0.1:8080"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ExecutorSettings:

@@ -116,7 +116,7 @@ def latency_samples(client: Client, count: int) -> list[float]:
     out: list[float] = []
     for _ in range(count):
         run_id = client.start_run("noop", None)
-        client.wait(run_id, timeout=60, poll=0.002)
+        client.wait(run_id, timeout=60)
         with client.pool.connection() as conn:
             row = conn.execute(
                 "SELECT extract(epoch FROM updated_at - created_at) AS s FROM executor.runs "

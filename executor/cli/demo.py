@@ -120,7 +120,7 @@ def _redeliver_late(client: Client, run_ids: list[str]) -> int:
     sent = 0
     with client.pool.connection() as conn:
         rows = conn.execute(
-            "SELECT run_id, step_key, attempt, output, queue FROM executor.steps "
+            "SELECT run_id, step_key, attempt, output, queue, fence FROM executor.steps "
             "WHERE run_id = ANY(%s) AND status = 'completed'",
             (run_ids,),
         ).fetchall()
@@ -129,7 +129,13 @@ def _redeliver_late(client: Client, run_ids: list[str]) -> int:
         queue = Queue(r["queue"], connection=client.redis, serializer=JSONCommandSerializer)
         for command in (
             StartStep(run_id=run_id, step_key=step_key, attempt=attempt),
-            CompleteStep(run_id=run_id, step_key=step_key, attempt=attempt, output=r["output"]),
+            CompleteStep(
+                run_id=run_id,
+                step_key=step_key,
+                attempt=attempt,
+                fence=r["fence"],
+                output=r["output"],
+            ),
         ):
             queue.enqueue(DELIVER, wire(command), job_id=f"late-{uuid4().hex}")
             sent += 1

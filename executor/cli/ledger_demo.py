@@ -30,6 +30,7 @@ def run_ledger_demo() -> int:
     db, _ = resolve_urls()
     migrate(db)
     run = f"demo-{uuid.uuid4().hex[:8]}"
+    a, b = "worker-a", "worker-b"  # the fences of two deliveries
     pool = open_pool(db, name="ledger-demo", max_size=2)
     ledger = Ledger(pool)
     now = BackoffPolicy(initial=0, jitter=False)
@@ -61,22 +62,26 @@ def run_ledger_demo() -> int:
                 ),
             ),
         ),
-        ("worker A starts validate", StartStep(run_id=run, step_key="validate", attempt=1)),
+        (
+            "worker A starts validate",
+            StartStep(run_id=run, step_key="validate", attempt=1, fence=a),
+        ),
         (
             "the job is redelivered to worker B",
-            StartStep(run_id=run, step_key="validate", attempt=1),
+            StartStep(run_id=run, step_key="validate", attempt=1, fence=b),
         ),
         (
             "worker A completes validate",
-            CompleteStep(run_id=run, step_key="validate", attempt=1, output={"ok": True}),
+            CompleteStep(run_id=run, step_key="validate", attempt=1, fence=a, output={"ok": True}),
         ),
-        ("worker A starts charge", StartStep(run_id=run, step_key="charge", attempt=1)),
+        ("worker A starts charge", StartStep(run_id=run, step_key="charge", attempt=1, fence=a)),
         (
             "charge fails: gateway timeout",
             FailStep(
                 run_id=run,
                 step_key="charge",
                 attempt=1,
+                fence=a,
                 error="gateway timed out",
                 error_type="TimeoutError",
             ),
@@ -89,24 +94,33 @@ def run_ledger_demo() -> int:
             "backoff elapsed: attempt 2 dispatched",
             DispatchStep(run_id=run, step_key="charge", attempt=2),
         ),
-        ("worker B starts charge attempt 2", StartStep(run_id=run, step_key="charge", attempt=2)),
+        (
+            "worker B starts charge attempt 2",
+            StartStep(run_id=run, step_key="charge", attempt=2, fence=b),
+        ),
         (
             "attempt 1's worker wakes up late and reports success",
-            CompleteStep(run_id=run, step_key="charge", attempt=1, output={"charged": True}),
+            CompleteStep(
+                run_id=run, step_key="charge", attempt=1, fence=a, output={"charged": True}
+            ),
         ),
         (
             "attempt 2 completes",
-            CompleteStep(run_id=run, step_key="charge", attempt=2, output={"charged": True}),
+            CompleteStep(
+                run_id=run, step_key="charge", attempt=2, fence=b, output={"charged": True}
+            ),
         ),
-        ("reserve starts", StartStep(run_id=run, step_key="reserve", attempt=1)),
+        ("reserve starts", StartStep(run_id=run, step_key="reserve", attempt=1, fence=a)),
         (
             "reserve completes",
-            CompleteStep(run_id=run, step_key="reserve", attempt=1, output={"reserved": 2}),
+            CompleteStep(
+                run_id=run, step_key="reserve", attempt=1, fence=a, output={"reserved": 2}
+            ),
         ),
-        ("ship starts", StartStep(run_id=run, step_key="ship", attempt=1)),
+        ("ship starts", StartStep(run_id=run, step_key="ship", attempt=1, fence=a)),
         (
             "ship completes: the run completes",
-            CompleteStep(run_id=run, step_key="ship", attempt=1, output={"shipped": True}),
+            CompleteStep(run_id=run, step_key="ship", attempt=1, fence=a, output={"shipped": True}),
         ),
         (
             "a late redelivery starts ship again",
@@ -114,12 +128,13 @@ def run_ledger_demo() -> int:
                 run_id=run,
                 step_key="ship",
                 attempt=1,
+                fence=b,
                 idempotency_key=f"start_step:{run}:ship:1:late",
             ),
         ),
         (
             "the sweeper re-sends the completion",
-            CompleteStep(run_id=run, step_key="ship", attempt=1, output={"shipped": True}),
+            CompleteStep(run_id=run, step_key="ship", attempt=1, fence=a, output={"shipped": True}),
         ),
     ]
     print(f"scripted run {run}: {len(script)} deliveries\n")

@@ -1,20 +1,22 @@
 """The state machine: given locked rows and one command, what changes and which events follow.
 
-Pure: no I/O, no clock of its own (the handler passes the database's `now()`), so the same
-function decides for the handler and can be exercised in unit tests. A delivery that must
-not change anything raises `Drop` with one of the contract's reasons; nothing it wrote to the
-in-memory rows is kept.
+Pure: no I/O of its own and no clock of its own (the handler passes the database's `now()`
+and a `RowSource` for the few rows a decision may pull in), so the same function decides for
+the handler and runs in unit tests against dicts. A delivery that must not change anything
+raises `Drop` with one of the contract's reasons; nothing it wrote in memory is kept.
 """
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from executor.commands import progress as p
 from executor.commands.models import (
+    AwaitChild,
+    AwaitEvent,
     CancelRun,
+    ChildFinished,
     Command,
     CompleteStep,
     CreateRun,
@@ -24,72 +26,18 @@ from executor.commands.models import (
     PauseRun,
     ResumeRun,
     RetryStep,
+    SendEvent,
     StartRun,
     StartStep,
+    SuspendStep,
+    WakeStep,
     unplanned_start,
 )
-from executor.commands.state import (
-    RUN_TERMINAL,
-    STEP_IN_FLIGHT,
-    STEP_TERMINAL,
-    RunRow,
-    StepRow,
-)
+from executor.commands.state import RUN_TERMINAL, STEP_TERMINAL, RunRow, StepRow
+from executor.commands.transition import Buffered, Drop, FollowUp, OtherRun, RowSource, Transition
+from executor.errors import ConcurrencyKeyTaken, ConcurrencyLimitConflict
 
-
-class Drop(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-@dataclass(frozen=True)
-class NewEvent:
-    type: str
-    step_key: str | None = None
-    attempt: int | None = None
-    payload: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class FollowUp:
-    """A command to deliver after commit, no earlier than `not_before`."""
-
-    queue: str
-    command: Command
-    not_before: datetime | None = None
-    timeout_seconds: float | None = None
-
-
-@dataclass
-class Transition:
-    """The in-memory result of deciding one command against locked rows."""
-
-    run: RunRow
-    steps: dict[str, StepRow]
-    now: datetime
-    lease_seconds: float
-    events: list[NewEvent] = field(default_factory=list)
-    followups: list[FollowUp] = field(default_factory=list)
-    run_created: bool = False
-    reopened: bool = False
-    continued: StepRow | None = None
-
-    def emit(self, type_: str, step: StepRow | None = None, **payload: Any) -> None:
-        self.events.append(
-            NewEvent(
-                type_,
-                step.step_key if step else None,
-                step.attempt if step else None,
-                payload,
-            )
-        )
-
-    def set_run(self, status: str, **fields: Any) -> None:
-        self.run.status = status
-        for name, value in fields.items():
-            setattr(self.run, name, value)
+__all__ = ["Drop", "Transition", "child_run_id", "decide"]
 
 
 def decide(
@@ -98,34 +46,18 @@ def decide(
     steps: dict[str, StepRow],
     now: datetime,
     lease_seconds: float,
+    source: RowSource,
 ) -> Transition:
     """Apply `command` to copies of the locked rows; raise Drop to refuse it."""
     if isinstance(command, CreateRun):
         if run is not None:
             raise Drop("invalid_transition", f"run {command.run_id} already exists")
-        new_run = RunRow(
-            run_id=command.run_id,
-            workflow=command.workflow,
-            status="pending",
-            concurrency_key=command.concurrency_key,
-            input=command.input,
-            output=None,
-            error=None,
-            last_seq=0,
-        )
-        t = Transition(new_run, {}, now, lease_seconds, run_created=True)
-        t.emit(
-            "run_created",
-            workflow=command.workflow,
-            input=command.input,
-            concurrency_key=command.concurrency_key,
-        )
-        t.followups.append(FollowUp("default", unplanned_start(command.run_id, command.workflow)))
-        return t
-
+        return _create_run(command, now, lease_seconds, source)
     if run is None:
         raise Drop("unknown_entity", f"no run {command.run_id}")
-    t = Transition(run, steps, now, lease_seconds)
+    t = Transition(run, steps, source, now, lease_seconds, fence=getattr(command, "fence", None))
+    if run.status == "queued" and not isinstance(command, CancelRun | SendEvent):
+        raise Drop("invalid_transition", "run is queued for a concurrency slot")
 
     if isinstance(command, StartRun):
         _start_run(t, command)
@@ -139,36 +71,35 @@ def decide(
         _require_run(t, "paused", "resume")
         t.set_run("running")
         t.emit("run_resumed", reason="resumed")
-        advance(t, dispatch_due_retries=True)
+        p.resume_work(t)
     elif isinstance(command, RetryStep):
         _manual_retry(t, command)
     elif isinstance(command, DispatchStep):
         _dispatch(t, command)
     elif isinstance(command, StartStep):
         step = _attempt_step(t, command.step_key, command.attempt, "queued")
-        step.status = "running"
-        step.lease_expires_at = now + timedelta(seconds=lease_seconds)
-        step.dirty = True
-        t.emit("step_started", step, lease_expires_at=step.lease_expires_at.isoformat())
+        p.start(t, step)
     elif isinstance(command, CompleteStep):
-        step = _attempt_step(t, command.step_key, command.attempt, "running")
-        step.status = "completed"
-        step.output = command.output
-        step.error = None
-        step.lease_expires_at = None
-        step.dirty = True
-        t.emit("step_completed", step, output=command.output)
-        advance(t)
+        step = _attempt_step(t, command.step_key, command.attempt, "running", command.fence)
+        p.complete(t, step, command.output, fence=command.fence)
         if command.continue_on is not None:
-            _continue_inline(t, command.continue_on)
+            p.continue_inline(t, command.continue_on)
     elif isinstance(command, FailStep):
-        step = _attempt_step(t, command.step_key, command.attempt, "running")
+        step = _attempt_step(t, command.step_key, command.attempt, "running", command.fence)
         error = {
             "message": command.error,
             "type": command.error_type,
             "traceback": command.traceback,
         }
-        _fail_attempt(t, step, error, retryable=command.retryable)
+        p.fail_attempt(t, step, error, retryable=command.retryable, fence=command.fence)
+    elif isinstance(command, SuspendStep):
+        _suspend(t, command)
+    elif isinstance(command, WakeStep):
+        _wake(t, command)
+    elif isinstance(command, ChildFinished):
+        _child_finished(t, command)
+    elif isinstance(command, SendEvent):
+        _send_event(t, command)
     elif isinstance(command, ExpireLease):
         step = _attempt_step(t, command.step_key, command.attempt, "running")
         if step.lease_expires_at is not None and step.lease_expires_at > now:
@@ -181,10 +112,70 @@ def decide(
             "message": "lease expired: the worker stopped heartbeating",
             "type": "LeaseExpired",
         }
-        _fail_attempt(t, step, error, retryable=True)
+        p.fail_attempt(t, step, error, retryable=True)
     else:  # pragma: no cover - the union is closed
         raise Drop("invalid_payload", f"unhandled command type {type(command).__name__}")
+    p.settle(t)
     return t
+
+
+def _create_run(
+    command: CreateRun, now: datetime, lease_seconds: float, source: RowSource
+) -> Transition:
+    run = RunRow(
+        run_id=command.run_id,
+        workflow=command.workflow,
+        status="pending",
+        concurrency_key=command.concurrency_key,
+        input=command.input,
+        output=None,
+        error=None,
+        last_seq=0,
+        concurrency_limit=command.concurrency_limit,
+        parent_run_id=command.parent_run_id,
+        parent_step_key=command.parent_step_key,
+        parent_attempt=command.parent_attempt,
+    )
+    t = Transition(run, {}, source, now, lease_seconds, run_created=True)
+    payload: dict[str, Any] = {
+        "workflow": command.workflow,
+        "input": command.input,
+        "concurrency_key": command.concurrency_key,
+    }
+    if command.concurrency_key is not None:
+        payload["concurrency_limit"] = command.concurrency_limit
+        _claim_launch(t, command)
+    if command.parent_run_id is not None:
+        payload.update(
+            parent_run_id=command.parent_run_id,
+            parent_step_key=command.parent_step_key,
+            parent_attempt=command.parent_attempt,
+        )
+    t.emit("run_created", **payload)
+    if run.status == "queued":
+        t.emit("run_queued", concurrency_key=command.concurrency_key)
+    else:
+        t.followups.append(FollowUp("default", unplanned_start(command.run_id, command.workflow)))
+    return t
+
+
+def _claim_launch(t: Transition, command: CreateRun) -> None:
+    """Take a free slot of the key, queue for one, or refuse (transiently: the key frees)."""
+    assert command.concurrency_key is not None
+    key = t.source.concurrency(command.concurrency_key)
+    limit = command.concurrency_limit
+    if (key.holders or key.queued) and key.limit != limit:
+        conflict = ConcurrencyLimitConflict(command.concurrency_key, key.limit, limit)
+        raise Drop("key_taken", str(conflict), error=conflict)
+    t.key_limit = (command.concurrency_key, limit)
+    slot = key.free_slot(limit) if not key.queued else None
+    if slot is not None:
+        t.run.concurrency_slot = slot
+    elif command.on_conflict == "queue":
+        t.run.status = "queued"
+    else:
+        err = ConcurrencyKeyTaken(command.concurrency_key, key.holder)
+        raise Drop("key_taken", str(err), error=err)
 
 
 def _require_run(t: Transition, status: str, verb: str) -> None:
@@ -205,6 +196,11 @@ def _start_run(t: Transition, command: StartRun) -> None:
         )
     t.set_run("running")
     t.emit("run_started", workflow=command.workflow)
+    dependants: dict[str, list[str]] = {s.step_key: [] for s in command.steps}
+    for spec in command.steps:
+        for d in spec.depends_on:
+            dependants[d].append(spec.step_key)
+    created = []
     for spec in command.steps:
         step = StepRow(
             step_key=spec.step_key,
@@ -215,10 +211,13 @@ def _start_run(t: Transition, command: StartRun) -> None:
             queue=spec.queue,
             timeout_seconds=spec.timeout_seconds,
             backoff=spec.backoff.model_dump(),
-            dirty=True,
-            new=True,
+            kind=spec.kind,
+            dependants=tuple(dependants[spec.step_key]),
+            waiting_on=len(spec.depends_on),
+            map_over=spec.map_over,
         )
-        t.steps[spec.step_key] = step
+        t.add_step(step)
+        created.append(step)
         t.emit(
             "step_created",
             step,
@@ -227,34 +226,44 @@ def _start_run(t: Transition, command: StartRun) -> None:
             queue=spec.queue,
             timeout_seconds=spec.timeout_seconds,
             backoff=step.backoff,
+            kind=spec.kind,
+            map_over=spec.map_over,
         )
-    advance(t)
+    for step in created:
+        if step.waiting_on == 0:
+            p.ready(t, step)
     if command.continue_on is not None:
-        _continue_inline(t, command.continue_on)
+        p.continue_inline(t, command.continue_on)
 
 
 def _cancel_run(t: Transition, command: CancelRun) -> None:
     if t.run.status in RUN_TERMINAL:
         raise Drop("terminal", f"run is {t.run.status}")
-    for step in sorted(t.steps.values(), key=lambda s: s.step_key):
+    unfinished = sorted(t.source.unfinished(), key=lambda s: s.step_key)
+    p.cancel_children(t, unfinished, command.reason)
+    for step in unfinished:
+        step = t.steps.setdefault(step.step_key, step)
         if step.status not in STEP_TERMINAL:
-            step.status = "cancelled"
+            t.move(step, "cancelled")
             step.lease_expires_at = None
-            step.dirty = True
+            step.wake_at = None
             t.emit("step_cancelled", step, reason=command.reason)
     t.set_run("cancelled", error={"message": command.reason or "cancelled"})
     t.emit("run_cancelled", reason=command.reason)
+    p.run_ended(t)
 
 
 def _get_step(t: Transition, step_key: str) -> StepRow:
-    step = t.steps.get(step_key)
+    step = t.step(step_key)
     if step is None:
         raise Drop("unknown_entity", f"run {t.run.run_id} has no step {step_key!r}")
     return step
 
 
-def _attempt_step(t: Transition, step_key: str, attempt: int, expected: str) -> StepRow:
-    """Fence a step command by attempt; terminal and stale checks come before state checks."""
+def _attempt_step(
+    t: Transition, step_key: str, attempt: int, expected: str, fence: str | None = None
+) -> StepRow:
+    """Fence a step command by attempt and owner; terminal and stale checks come first."""
     step = _get_step(t, step_key)
     if step.status in STEP_TERMINAL:
         raise Drop("terminal", f"step {step_key} is {step.status} (attempt {step.attempt})")
@@ -271,45 +280,17 @@ def _attempt_step(t: Transition, step_key: str, attempt: int, expected: str) -> 
         # The attempt already ended (failed, or its lease expired); the next one is only
         # waiting out its backoff, so this is a superseded attempt's late command (I6).
         raise Drop("stale_attempt", f"attempt {attempt} already ended; a retry is scheduled")
+    if fence is not None and step.fence is not None and step.fence != fence:
+        raise Drop(
+            "stale_attempt",
+            f"delivery {fence} does not own attempt {attempt} (its owner is {step.fence})",
+        )
     if step.status != expected:
         raise Drop(
             "invalid_transition",
             f"step {step_key} attempt {attempt} is {step.status}, not {expected}",
         )
     return step
-
-
-def backoff_delay(policy: dict[str, Any], attempt: int) -> float:
-    """Exponential backoff after `attempt` failed, capped, with full jitter when enabled."""
-    initial = float(policy.get("initial", 1.0))
-    multiplier = float(policy.get("multiplier", 2.0))
-    cap = float(policy.get("cap", 60.0))
-    delay = min(cap, initial * multiplier ** max(0, attempt - 1))
-    if policy.get("jitter", True):
-        delay = random.uniform(delay / 2, delay)
-    return delay
-
-
-def _fail_attempt(t: Transition, step: StepRow, error: dict[str, Any], *, retryable: bool) -> None:
-    step.lease_expires_at = None
-    step.error = error
-    step.dirty = True
-    if retryable and step.attempt < step.max_attempts:
-        step.status = "retrying"
-        step.next_attempt_at = t.now + timedelta(seconds=backoff_delay(step.backoff, step.attempt))
-        t.emit("step_retrying", step, error=error, next_attempt_at=step.next_attempt_at.isoformat())
-        t.followups.append(
-            FollowUp(
-                step.queue,
-                DispatchStep(run_id=t.run.run_id, step_key=step.step_key, attempt=step.attempt + 1),
-                not_before=step.next_attempt_at,
-            )
-        )
-    else:
-        step.status = "failed"
-        step.next_attempt_at = None
-        t.emit("step_failed", step, error=error)
-    advance(t)
 
 
 def _dispatch(t: Transition, command: DispatchStep) -> None:
@@ -328,12 +309,18 @@ def _dispatch(t: Transition, command: DispatchStep) -> None:
             f"step {step.step_key} is {step.status} at attempt {step.attempt}; "
             f"cannot dispatch attempt {command.attempt}",
         )
-    if t.run.status != "running":
-        raise Drop("invalid_transition", f"run is {t.run.status}; nothing is dispatched")
-    if _has_failed(t):
+    if t.run.status == "paused":
+        raise Drop("paused", "run is paused; resuming it dispatches due retries")
+    if t.run.steps_failed > 0:
         raise Drop("invalid_transition", "a step of this run failed; nothing more is dispatched")
-    _queue(t, step)
-    advance(t)
+    due = step.next_attempt_at
+    if due is not None and due > t.now:
+        raise Drop(
+            "not_due",
+            f"attempt {command.attempt} is due at {due.isoformat()} (database clock)",
+            resend=FollowUp(step.queue, command, not_before=due),
+        )
+    p.queue(t, step)
 
 
 def _manual_retry(t: Transition, command: RetryStep) -> None:
@@ -348,83 +335,172 @@ def _manual_retry(t: Transition, command: RetryStep) -> None:
         )
     if t.run.status == "paused":
         raise Drop("invalid_transition", "run is paused; resume it before retrying")
-    if t.run.status == "failed":
-        t.set_run("running", error=None)
-        t.reopened = True
-        t.emit("run_resumed", reason="manual_retry", step_key=step.step_key)
-    _queue(t, step, manual=True, requested_by=command.requested_by)
-    advance(t, dispatch_due_retries=True)
-
-
-def _continue_inline(t: Transition, queue: str) -> None:
-    """Start one just-queued dependant here, for the completing worker to run in place.
-
-    Only a step routed to the worker's own queue and with no timeout of its own qualifies:
-    the job already running was armed with its queue's timeout, and routing must hold.
-    """
-    for followup in t.followups:
-        command = followup.command
-        if not isinstance(command, StartStep):
-            continue
-        step = t.steps[command.step_key]
-        if step.queue == queue and step.timeout_seconds is None and step.status == "queued":
-            t.followups.remove(followup)
-            step.status = "running"
-            step.lease_expires_at = t.now + timedelta(seconds=t.lease_seconds)
-            t.emit("step_started", step, lease_expires_at=step.lease_expires_at.isoformat())
-            t.continued = step
-            return
-
-
-def _has_failed(t: Transition) -> bool:
-    return any(s.status == "failed" for s in t.steps.values())
-
-
-def _queue(t: Transition, step: StepRow, **payload: Any) -> None:
-    step.attempt += 1
-    step.status = "queued"
-    step.next_attempt_at = None
-    step.error = None
-    step.dirty = True
-    t.emit("step_queued", step, **payload)
-    t.followups.append(
-        FollowUp(
-            step.queue,
-            StartStep(run_id=t.run.run_id, step_key=step.step_key, attempt=step.attempt),
-            timeout_seconds=step.timeout_seconds,
+    if step.kind == "map":
+        raise Drop(
+            "invalid_transition",
+            f"map {step.step_key} failed because its upstream's output is not a list; "
+            "retrying cannot change that",
         )
+    if t.run.status == "failed":
+        _reclaim_slot(t)
+        t.set_run("running", error=None)
+        t.emit("run_resumed", reason="manual_retry", step_key=step.step_key)
+    p.queue(t, step, manual=True, requested_by=command.requested_by)
+    p.resume_work(t)
+
+
+def _reclaim_slot(t: Transition) -> None:
+    """A failed run reopened by a retry holds its key again, if a slot is free."""
+    key = t.run.concurrency_key
+    if key is None:
+        return
+    state = t.source.concurrency(key)
+    slot = state.free_slot(state.limit)
+    if slot is None or state.queued:
+        holder = state.holder if state.holders else "a queued run"
+        err = ConcurrencyKeyTaken(key, holder)
+        raise Drop("key_taken", str(err), error=err)
+    t.run.concurrency_slot = slot
+
+
+def child_run_id(run_id: str, step_key: str, attempt: int) -> str:
+    """The child a step's attempt starts: derived, so a redelivery can never start two."""
+    return f"{run_id}.{step_key.replace('[', '.').replace(']', '')}.{attempt}"
+
+
+def _suspend(t: Transition, command: SuspendStep) -> None:
+    step = _attempt_step(t, command.step_key, command.attempt, "running", command.fence)
+    until = command.until
+    step.lease_expires_at = None
+    if isinstance(until, AwaitEvent):
+        t.move(step, "waiting")
+        step.event_name = until.event
+        step.wake_at = (
+            None
+            if until.timeout_seconds is None
+            else t.now + timedelta(seconds=until.timeout_seconds)
+        )
+        t.emit(
+            "step_waiting",
+            step,
+            event=until.event,
+            timeout_at=None if step.wake_at is None else step.wake_at.isoformat(),
+            fence=command.fence,
+        )
+        kept = t.source.buffered_event(until.event)
+        if kept is not None:
+            t.consumed.append((kept.received_seq, step.step_key, len(t.events)))
+            p.complete(t, step, kept.payload, event=until.event, received_seq=kept.received_seq)
+    elif isinstance(until, AwaitChild):
+        _start_child(t, step, command, until)
+    else:
+        wake_at = until.wake_at or t.now + timedelta(seconds=until.seconds or 0.0)
+        t.move(step, "sleeping")
+        step.wake_at = wake_at
+        t.emit("step_sleeping", step, wake_at=wake_at.isoformat(), fence=command.fence)
+
+
+def _start_child(t: Transition, step: StepRow, command: SuspendStep, until: AwaitChild) -> None:
+    child_id = child_run_id(t.run.run_id, step.step_key, step.attempt)
+    t.move(step, "waiting")
+    step.child_run_id = child_id
+    t.emit("step_waiting", step, child_run_id=child_id, workflow=until.workflow, fence=t.fence)
+    create = CreateRun(
+        run_id=child_id,
+        workflow=until.workflow,
+        input=until.input,
+        idempotency_key=f"create_run:{child_id}",
+        parent_run_id=t.run.run_id,
+        parent_step_key=step.step_key,
+        parent_attempt=step.attempt,
+    )
+    child = _create_run(create, t.now, t.lease_seconds, t.source)
+    t.others.append(
+        OtherRun(
+            child.run,
+            receipt_key=create.idempotency_key,
+            receipt_command=create,
+            created=True,
+            events=child.events,
+        )
+    )
+    t.followups.extend(child.followups)
+
+
+def _wake(t: Transition, command: WakeStep) -> None:
+    step = _get_step(t, command.step_key)
+    if step.status in STEP_TERMINAL:
+        raise Drop("terminal", f"step {step.step_key} is {step.status}")
+    if t.run.status in RUN_TERMINAL:
+        raise Drop("terminal", f"run is {t.run.status}")
+    if command.attempt != step.attempt or step.status not in ("sleeping", "waiting"):
+        raise Drop(
+            "stale_attempt" if command.attempt < step.attempt else "invalid_transition",
+            f"step {step.step_key} is {step.status} at attempt {step.attempt}; no timer of "
+            f"attempt {command.attempt} is set",
+        )
+    if step.wake_at is None:
+        raise Drop("invalid_transition", f"step {step.step_key} waits without a timeout")
+    if t.run.status == "paused":
+        raise Drop("paused", "run is paused; its timers fire once it is resumed")
+    if step.wake_at > t.now:
+        raise Drop(
+            "not_due",
+            f"timer of attempt {step.attempt} is due at {step.wake_at.isoformat()}",
+            resend=FollowUp("default", command, not_before=step.wake_at),
+        )
+    if step.status == "sleeping":
+        p.complete(t, step, None)
+    else:
+        error = {
+            "message": f"timed out waiting for event {step.event_name!r}",
+            "type": "WaitTimeout",
+        }
+        p.fail_attempt(t, step, error, retryable=True)
+
+
+def _child_finished(t: Transition, command: ChildFinished) -> None:
+    step = _get_step(t, command.step_key)
+    if step.status in STEP_TERMINAL:
+        raise Drop("terminal", f"step {step.step_key} is {step.status}")
+    if t.run.status in RUN_TERMINAL:
+        raise Drop("terminal", f"run is {t.run.status}")
+    if (
+        command.attempt != step.attempt
+        or step.status != "waiting"
+        or step.child_run_id != command.child_run_id
+    ):
+        raise Drop(
+            "stale_attempt" if command.attempt < step.attempt else "invalid_transition",
+            f"step {step.step_key} attempt {step.attempt} is {step.status}, not waiting for "
+            f"child {command.child_run_id}",
+        )
+    if command.status == "completed":
+        p.complete(t, step, command.output, child_run_id=command.child_run_id)
+        return
+    error = {
+        "message": f"child run {command.child_run_id} {command.status}",
+        "type": "ChildRunFailed" if command.status == "failed" else "ChildRunCancelled",
+        "child_error": command.error,
+    }
+    p.fail_attempt(
+        t, step, error, retryable=command.status == "failed", child_run_id=command.child_run_id
     )
 
 
-def advance(t: Transition, *, dispatch_due_retries: bool = False) -> None:
-    """Dispatch what is ready and settle the run; only a running run moves forward.
-
-    A retry's own `dispatch_step` may have been dropped while the run was paused or failed,
-    so resuming and reopening dispatch the retries that are already due.
-    """
-    if t.run.status != "running":
+def _send_event(t: Transition, command: SendEvent) -> None:
+    if t.run.status in RUN_TERMINAL:
+        raise Drop("terminal", f"run is {t.run.status}")
+    waiting = sorted(t.source.waiting_for(command.event), key=lambda s: s.step_key)
+    if not waiting:
+        index = t.emit(
+            "event_received", event=command.event, payload=command.payload, buffered=True
+        )
+        t.buffered.append(Buffered(command.event, command.payload, index))
         return
-    steps = [t.steps[k] for k in sorted(t.steps)]
-    if _has_failed(t):
-        if not any(s.status in STEP_IN_FLIGHT for s in steps):
-            failed = [s for s in steps if s.status == "failed"]
-            error = {"message": f"step {failed[0].step_key} failed", "step_key": failed[0].step_key}
-            t.set_run("failed", error=error)
-            t.emit("run_failed", error=error)
-        return
-    for step in steps:
-        if (
-            step.status == "pending"
-            and all(t.steps[d].status == "completed" for d in step.depends_on)
-        ) or (
-            step.status == "retrying"
-            and step.next_attempt_at is not None
-            and step.next_attempt_at <= t.now
-            and dispatch_due_retries
-        ):
-            _queue(t, step)
-    if all(s.status == "completed" for s in steps):
-        dependants = {d for s in steps for d in s.depends_on}
-        output = {s.step_key: s.output for s in steps if s.step_key not in dependants}
-        t.set_run("completed", output=output)
-        t.emit("run_completed", output=output)
+    step = t.steps.setdefault(waiting[0].step_key, waiting[0])
+    index = t.emit(
+        "event_received", event=command.event, payload=command.payload, consumed_by=step.step_key
+    )
+    t.buffered.append(Buffered(command.event, command.payload, index, consumed_by=step.step_key))
+    p.complete(t, step, command.payload, event=command.event)

@@ -14,11 +14,25 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    TypeAdapter,
+    model_validator,
+)
 
 from executor.errors import InvalidCommand
 
 Identifier = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+StepKey = Annotated[
+    str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+(\[[0-9]{1,9}\])?$")
+]
+"""A step key; a map's item steps are named `<map>[<index>]`."""
+Fence = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
+"""The token of one delivery: who owns a started attempt."""
 Key = Annotated[str, Field(min_length=1, max_length=300)]
 Attempt = Annotated[int, Field(ge=1, le=1_000_000)]
 
@@ -37,7 +51,13 @@ class BackoffPolicy(_Model):
 
 
 class StepSpec(_Model):
-    """A step as the ledger records it when a run starts (the workflow code stays in workers)."""
+    """A step as the ledger records it when a run starts (the workflow code stays in workers).
+
+    `kind` tells the ledger what the step does once a worker has run it: a `task` completes
+    with its result; `sleep`, `wait` and `child` suspend until a timer, an event or a child
+    run ends them. A `map` never reaches a worker: when `map_over` completes, the ledger
+    creates one `item` step per element of its output.
+    """
 
     step_key: Identifier
     depends_on: tuple[Identifier, ...] = ()
@@ -45,6 +65,16 @@ class StepSpec(_Model):
     queue: Identifier = "default"
     timeout_seconds: Annotated[float, Field(gt=0, le=86_400)] | None = None
     backoff: BackoffPolicy = BackoffPolicy()
+    kind: Literal["task", "sleep", "wait", "child", "map"] = "task"
+    map_over: Identifier | None = None
+
+    @model_validator(mode="after")
+    def _map_names_its_upstream(self) -> Self:
+        if (self.kind == "map") != (self.map_over is not None):
+            raise ValueError("a map step, and only a map step, names map_over")
+        if self.map_over is not None and self.map_over not in self.depends_on:
+            raise ValueError(f"map_over {self.map_over!r} must be one of depends_on")
+        return self
 
 
 class _CommandBase(_Model):
@@ -88,7 +118,7 @@ class _SystemStepCommand(_CommandBase):
     # Filled in after validation when absent. A "before" validator would do it earlier, but
     # it makes pydantic validate JSON input in Python mode, where strict tuples refuse lists.
     idempotency_key: Key = Field(default="", validate_default=False)
-    step_key: Identifier
+    step_key: StepKey
     attempt: Attempt
 
     _key_parts: ClassVar[tuple[str, ...]] = ("run_id", "step_key", "attempt")
@@ -104,12 +134,24 @@ class _SystemStepCommand(_CommandBase):
 
 
 class CreateRun(_CommandBase):
-    """Create a run in `pending`; a worker that knows the workflow then starts it."""
+    """Create a run in `pending`; a worker that knows the workflow then starts it.
+
+    With a `concurrency_key`, at most `concurrency_limit` runs hold the key at once (the
+    first launch of a key in use fixes the limit). A launch finding every slot taken is
+    refused (`on_conflict="reject"`, a transient `key_taken` naming a holder) or waits in
+    `queued` until a holder ends (`"queue"`), oldest first. `parent_*` are set only by the
+    ledger itself, for a child run.
+    """
 
     type: Literal["create_run"] = "create_run"
     workflow: Identifier
     input: JsonValue = None
     concurrency_key: Annotated[str, Field(min_length=1, max_length=500)] | None = None
+    concurrency_limit: Annotated[int, Field(ge=1, le=10_000)] = 1
+    on_conflict: Literal["reject", "queue"] = "reject"
+    parent_run_id: Identifier | None = None
+    parent_step_key: StepKey | None = None
+    parent_attempt: Attempt | None = None
 
 
 class StartRun(_CommandBase):
@@ -124,6 +166,7 @@ class StartRun(_CommandBase):
     workflow: Identifier
     steps: tuple[StepSpec, ...] = Field(min_length=1, max_length=10_000)
     continue_on: Identifier | None = None
+    fence: Fence | None = None
 
     @model_validator(mode="after")
     def _graph_is_closed(self) -> StartRun:
@@ -137,6 +180,8 @@ class StartRun(_CommandBase):
             missing = set(s.depends_on) - known
             if missing:
                 raise ValueError(f"step {s.step_key!r} depends on unknown {sorted(missing)}")
+            if "[" in s.step_key:
+                raise ValueError(f"step key {s.step_key!r}: brackets name map items only")
         _check_acyclic(self.steps)
         return self
 
@@ -153,6 +198,7 @@ def unplanned_start(run_id: str, workflow: str) -> StartRun:
         workflow=workflow,
         steps=(),
         continue_on=None,
+        fence=None,
     )
 
 
@@ -163,12 +209,26 @@ class DispatchStep(_SystemStepCommand):
 
 
 class StartStep(_SystemStepCommand):
-    """queued → running for one attempt; the job that carries it then runs the step."""
+    """queued → running for one attempt; the job that carries it then runs the step.
+
+    `fence` is the token of the delivery (set by the worker that received the job, not by
+    whoever enqueued it): the step records it as the attempt's owner, so the same delivery
+    retrying after a lost answer is recognised and runs the step, and nobody else can.
+    """
 
     type: Literal["start_step"] = "start_step"
+    fence: Fence | None = None
 
 
-class CompleteStep(_SystemStepCommand):
+class _OwnerCommand(_SystemStepCommand):
+    """An outcome from the delivery that owns the attempt; its key includes the fence, so an
+    outcome from anyone else cannot use up the owner's key."""
+
+    fence: Fence
+    _key_parts: ClassVar[tuple[str, ...]] = ("run_id", "step_key", "attempt", "fence")
+
+
+class CompleteStep(_OwnerCommand):
     """running → completed; ready dependants are queued.
 
     `continue_on` names the queue of the job that ran the step: the sender will run one
@@ -181,7 +241,7 @@ class CompleteStep(_SystemStepCommand):
     continue_on: Identifier | None = None
 
 
-class FailStep(_SystemStepCommand):
+class FailStep(_OwnerCommand):
     """running → retrying (budget left and retryable) or failed."""
 
     type: Literal["fail_step"] = "fail_step"
@@ -204,11 +264,77 @@ class ExpireLease(_SystemStepCommand):
     _key_parts: ClassVar[tuple[str, ...]] = ("run_id", "step_key", "attempt", "observed_lease")
 
 
+class Sleep(_Model):
+    """Sleep for `seconds` from the database's clock, or until `wake_at`."""
+
+    kind: Literal["sleep"] = "sleep"
+    seconds: Annotated[float, Field(ge=0, le=366 * 86_400)] | None = None
+    wake_at: AwareDatetime | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Self:
+        if (self.seconds is None) == (self.wake_at is None):
+            raise ValueError("a sleep names exactly one of seconds and wake_at")
+        return self
+
+
+class AwaitEvent(_Model):
+    """Wait for an external event sent to the run; its payload becomes the step's output."""
+
+    kind: Literal["event"] = "event"
+    event: Identifier
+    timeout_seconds: Annotated[float, Field(gt=0, le=366 * 86_400)] | None = None
+
+
+class AwaitChild(_Model):
+    """Start a run of `workflow` and wait for it; its output becomes the step's output."""
+
+    kind: Literal["child"] = "child"
+    workflow: Identifier
+    input: JsonValue = None
+
+
+class SuspendStep(_OwnerCommand):
+    """running → sleeping or waiting: the owner ran the step and it now waits for time, an
+    event or a child run, which end it through `wake_step`, `send_event`, `child_finished`."""
+
+    type: Literal["suspend_step"] = "suspend_step"
+    until: Annotated[Sleep | AwaitEvent | AwaitChild, Field(discriminator="kind")]
+
+
+class WakeStep(_SystemStepCommand):
+    """A timer fired: a sleeping step completes; a waiting step's timeout fails the attempt."""
+
+    type: Literal["wake_step"] = "wake_step"
+
+
+class ChildFinished(_SystemStepCommand):
+    """A child run ended: its parent step completes with the child's output or fails."""
+
+    type: Literal["child_finished"] = "child_finished"
+    child_run_id: Identifier
+    status: Literal["completed", "failed", "cancelled"]
+    output: JsonValue = None
+    error: JsonValue = None
+
+
+class SendEvent(_CommandBase):
+    """An external event for a run: consumed by a step waiting for it, else kept until one
+    waits. The caller's key makes a repeated send a duplicate."""
+
+    type: Literal["send_event"] = "send_event"
+    event: Identifier
+    payload: JsonValue = None
+
+    def describe(self) -> str:
+        return f"send_event run={self.run_id} event={self.event}"
+
+
 class RetryStep(_CommandBase):
     """Manual retry: failed → queued as a new attempt; reopens a failed run."""
 
     type: Literal["retry_step"] = "retry_step"
-    step_key: Identifier
+    step_key: StepKey
     requested_by: Annotated[str, Field(max_length=200)] | None = None
 
     def describe(self) -> str:
@@ -240,7 +366,11 @@ Command = Annotated[
     | RetryStep
     | CancelRun
     | PauseRun
-    | ResumeRun,
+    | ResumeRun
+    | SuspendStep
+    | WakeStep
+    | ChildFinished
+    | SendEvent,
     Field(discriminator="type"),
 ]
 
@@ -256,6 +386,10 @@ COMMAND_TYPES: tuple[str, ...] = (
     "cancel_run",
     "pause_run",
     "resume_run",
+    "suspend_step",
+    "wake_step",
+    "child_finished",
+    "send_event",
 )
 
 _adapter: TypeAdapter[Command] = TypeAdapter(Command)

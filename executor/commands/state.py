@@ -1,4 +1,10 @@
-"""Rows as the handler locked them, and the terminal/active sets of the state machines."""
+"""Rows as the handler locked them, and the status sets of the state machines.
+
+A run carries counters of its steps (how many exist, are completed, are in flight, have
+failed), kept by every transition that moves a step. They are what lets one command decide
+readiness and completion without reading the rest of its run: a step knows how many of its
+upstream steps are still unfinished (`waiting_on`) and who depends on it (`dependants`).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,28 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-RUN_STATUSES = ("pending", "running", "paused", "completed", "failed", "cancelled")
+RUN_STATUSES = ("queued", "pending", "running", "paused", "completed", "failed", "cancelled")
 RUN_TERMINAL = frozenset({"completed", "failed", "cancelled"})
+RUN_HOLDS_KEY = frozenset({"pending", "running", "paused"})
 
-STEP_STATUSES = ("pending", "queued", "running", "completed", "failed", "retrying", "cancelled")
+STEP_STATUSES = (
+    "pending",
+    "queued",
+    "running",
+    "sleeping",
+    "waiting",
+    "retrying",
+    "completed",
+    "failed",
+    "cancelled",
+)
 STEP_TERMINAL = frozenset({"completed", "failed", "cancelled"})
 STEP_IN_FLIGHT = frozenset({"queued", "running"})
+"""Steps a worker holds or is about to: a run with a failed step waits for these to end."""
 
-DROP_REASONS = (
+STEP_KINDS = ("task", "sleep", "wait", "child", "map", "item")
+
+FINAL_REASONS = (
     "duplicate",
     "stale_attempt",
     "terminal",
@@ -21,6 +41,10 @@ DROP_REASONS = (
     "unknown_entity",
     "invalid_payload",
 )
+TRANSIENT_REASONS = ("key_taken", "paused", "not_due", "busy")
+"""Refusals a later state can lift: recorded as drops, but they do not fix the key's fate."""
+
+DROP_REASONS = FINAL_REASONS + TRANSIENT_REASONS
 
 
 @dataclass
@@ -33,6 +57,15 @@ class RunRow:
     output: Any
     error: Any
     last_seq: int
+    concurrency_limit: int = 1
+    concurrency_slot: int | None = None
+    steps_total: int = 0
+    steps_completed: int = 0
+    steps_active: int = 0
+    steps_failed: int = 0
+    parent_run_id: str | None = None
+    parent_step_key: str | None = None
+    parent_attempt: int | None = None
 
 
 @dataclass
@@ -49,5 +82,27 @@ class StepRow:
     error: Any = None
     lease_expires_at: datetime | None = None
     next_attempt_at: datetime | None = None
+    kind: str = "task"
+    dependants: tuple[str, ...] = ()
+    waiting_on: int = 0
+    map_over: str | None = None
+    parent_step: str | None = None
+    item_index: int | None = None
+    item: Any = None
+    items_total: int | None = None
+    items_done: int = 0
+    fence: str | None = None
+    wake_at: datetime | None = None
+    event_name: str | None = None
+    child_run_id: str | None = None
     dirty: bool = field(default=False, compare=False)
     new: bool = field(default=False, compare=False)
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    """An external event sent to a run and not yet consumed by a waiting step."""
+
+    event: str
+    received_seq: int
+    payload: Any

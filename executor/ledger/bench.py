@@ -142,6 +142,7 @@ class _LedgerWriter(_Writer):
                 run_id=self.run_id,
                 step_key=key,
                 attempt=1,
+                fence="bench",
                 idempotency_key=f"start_step:{self.run_id}:{key}:1",
             )
         )
@@ -153,6 +154,7 @@ class _LedgerWriter(_Writer):
                 step_key=key,
                 attempt=1,
                 output={"ok": True},
+                fence="bench",
                 idempotency_key=f"complete_step:{self.run_id}:{key}:1",
             )
         )

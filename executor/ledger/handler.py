@@ -2,14 +2,22 @@
 
 One transaction per delivery, in two round trips (psycopg pipeline mode):
 
-1. lock the run row, then every step of the run in key order, and look up the
-   idempotency key (one call of `executor.lock_for_command`, sql/004);
-2. write the steps, the run (with the new `last_seq`), the events, the receipt and the
-   outbox rows, and COMMIT.
+1. lock the run row, read the idempotency key, and lock the rows the command names — its
+   step, that step's dependants and its map (one call of `executor.lock_for_command`,
+   sql/005);
+2. write the steps, the run (with the new `last_seq` and its step counters), the events,
+   the receipt and the outbox rows, and COMMIT.
 
 Because every event-appending transaction holds the run row lock until it commits, events
 get `seq` values in commit order with no gaps (I4), and a late command waits for the
-transaction that makes it late, then sees the terminal state and is dropped.
+transaction that makes it late, then sees the terminal state and is dropped. A decision that
+needs more rows (a run completing reads its sinks' outputs) reads them on the same
+transaction, an extra round trip only for that command.
+
+A key's fate is fixed by an applied command or a final refusal (a receipt). A transient
+refusal is recorded as a drop with no receipt, so the same key can still apply later. A
+duplicate from the delivery that owns a running attempt (its first try committed, its answer
+was lost) is told so and given the attempt to run.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -25,25 +33,27 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool
 
-from executor.commands.machine import Drop, Transition, decide
-from executor.commands.models import Command, CreateRun, StartStep, wire
-from executor.commands.state import RunRow, StepRow
-from executor.errors import ConcurrencyKeyTaken, LedgerBusy
+from executor.commands.machine import decide
+from executor.commands.models import Command, CreateRun, wire
+from executor.commands.state import TRANSIENT_REASONS, StepRow
+from executor.commands.transition import Drop, Transition
+from executor.errors import LedgerBusy
 from executor.ledger import queries as q
+from executor.ledger import writes
 from executor.ledger.outcome import EventRef, OutboxItem, Outcome, StepContext
+from executor.ledger.rows import DbSource, key_state, run_from_row, step_from_row, timestamp
+from executor.storage.db import Pool
 
 log = logging.getLogger("executor.ledger")
 
 Conn = psycopg.Connection[dict[str, Any]]
-Pool = ConnectionPool[Conn]
 
 _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.UniqueViolation)
 
 # The unique violations two honest deliveries can race into; anything else is a real fault.
 _RACING_CONSTRAINTS = frozenset(
-    {"receipts_pkey", "runs_pkey", "runs_one_active_per_concurrency_key"}
+    {"receipts_pkey", "runs_pkey", "runs_concurrency_slot", "concurrency_keys_pkey"}
 )
 
 
@@ -55,8 +65,16 @@ class LedgerHooks:
     before_commit: Callable[[Command], None] | None = None
 
 
-class _Conflict(Exception):
-    pass
+@dataclass
+class _Pending:
+    """What a committed transaction still has to read back from its pipelined results."""
+
+    outcome: Outcome
+    error: Exception | None = None
+    outbox: psycopg.Cursor[dict[str, Any]] | None = None
+    context: tuple[StepRow, Transition | dict[str, Any], psycopg.Cursor[dict[str, Any]]] | None = (
+        None
+    )
 
 
 class Ledger:
@@ -69,9 +87,11 @@ class Ledger:
         lease_seconds: float = 30.0,
         max_retries: int = 8,
         hooks: LedgerHooks | None = None,
+        outbox_grace_seconds: float = 10.0,
     ) -> None:
         self.pool = pool
         self.lease_seconds = lease_seconds
+        self.outbox_grace_seconds = outbox_grace_seconds
         self.max_retries = max_retries
         self.hooks = hooks or LedgerHooks()
         self.retries = 0
@@ -79,14 +99,14 @@ class Ledger:
     def apply(self, command: Command) -> Outcome:
         """Commit `command` or record why it was dropped; never both, never neither.
 
-        Raises ConcurrencyKeyTaken (after recording the refusal) when a launch or a reopening
-        retry collides with another active run, and LedgerBusy if serialization failures or
-        deadlocks persist past the retry budget.
+        Raises ConcurrencyKeyTaken / ConcurrencyLimitConflict (after recording the refusal)
+        when a launch or a reopening retry finds its key's slots taken, and LedgerBusy (after
+        recording a `busy` drop) if serialization failures or deadlocks outlast the budget.
         """
         last: Exception | None = None
         for attempt in range(self.max_retries + 1):
             try:
-                outcome, conflict = self._apply_once(command)
+                pending = self._apply_once(command)
             except _RETRYABLE as exc:
                 if (
                     isinstance(exc, pg_errors.UniqueViolation)
@@ -98,13 +118,25 @@ class Ledger:
                 log.debug("retrying %s after %s", command.describe(), type(exc).__name__)
                 time.sleep(random.uniform(0, 0.002 * 2**attempt))
                 continue
-            if conflict is not None:
-                raise conflict
-            return outcome
-        raise LedgerBusy(
-            f"{command.describe()} not applied after {self.max_retries + 1} tries "
-            f"(serialization failures, deadlocks or racing inserts): {last}"
-        ) from last
+            if pending.error is not None:
+                raise pending.error
+            return pending.outcome
+        detail = (
+            f"not applied after {self.max_retries + 1} tries (serialization failures, "
+            f"deadlocks or racing inserts): {last}"
+        )
+        self.record_drop(command, "busy", detail)
+        raise LedgerBusy(f"{command.describe()} {detail}") from last
+
+    def record_drop(self, command: Command, reason: str, detail: str) -> Outcome:
+        """Record, in a transaction of its own, a delivery refused before the handler could
+        decide it (a busy ledger, a workflow this worker does not know). Transient reasons
+        only: the key stays usable."""
+        assert reason in TRANSIENT_REASONS or reason == "unknown_entity"
+        with self.pool.connection() as conn:
+            _insert_drop(conn, command, reason, detail)
+        log.warning("dropped %s: %s (%s)", command.describe(), reason, detail)
+        return _dropped(command, reason, detail, transient=True)
 
     def record_invalid(self, raw: str, detail: str, *, command_type: str | None = None) -> Outcome:
         """Record a delivery that never became a command (bad JSON, schema, pickled bytes)."""
@@ -133,317 +165,263 @@ class Ledger:
             detail=detail,
         )
 
-    def extend_lease(self, run_id: str, step_key: str, attempt: int) -> datetime | None:
-        """Push the lease of a running attempt forward; None means the attempt was superseded."""
+    def enqueue(self, command: Command, queue: str) -> OutboxItem:
+        """Make a command durable before anyone delivers it: one outbox row, committed."""
         with self.pool.connection() as conn:
             row = conn.execute(
-                q.EXTEND_LEASE, (self.lease_seconds, run_id, step_key, attempt)
+                q.INSERT_OUTBOX,
+                {
+                    "run_id": command.run_id,
+                    "queue": queue,
+                    "key": command.idempotency_key,
+                    "command": Jsonb(wire(command)),
+                    "not_before": None,
+                    "timeout": None,
+                    "grace": self.outbox_grace_seconds,
+                },
+            ).fetchone()
+        assert row is not None
+        return OutboxItem.model_validate(row)
+
+    def extend_lease(
+        self, run_id: str, step_key: str, attempt: int, fence: str | None = None
+    ) -> datetime | None:
+        """Push the lease of a running attempt forward; None means it is no longer ours."""
+        with self.pool.connection() as conn:
+            row = conn.execute(
+                q.EXTEND_LEASE, (self.lease_seconds, run_id, step_key, attempt, fence)
             ).fetchone()
         if row is None:
             return None
         expires: datetime = row["lease_expires_at"]
         return expires
 
-    def started_by(self, run_id: str, idempotency_key: str) -> StepContext | None:
-        """The step a command started in place, if it is still running that attempt.
+    # --- one transaction -----------------------------------------------------------------
 
-        For a sender whose commit went through but whose answer was lost (CompleteStep with
-        `continue_on`): nobody else will run that step, so the sender must.
-        """
-        with self.pool.connection() as conn:
-            row = conn.execute(q.STARTED_BY, (run_id, idempotency_key)).fetchone()
-            if row is None:
-                return None
-            upstream = conn.execute(q.OUTPUTS, (run_id, list(row["depends_on"]))).fetchall()
-        return StepContext(
-            step_key=row["step_key"],
-            attempt=row["attempt"],
-            queue=row["queue"],
-            workflow=row["workflow"],
-            run_input=row["input"],
-            upstream={r["step_key"]: r["output"] for r in upstream},
-            timeout_seconds=row["timeout_seconds"],
-            lease_expires_at=row["lease_expires_at"],
-            max_attempts=row["max_attempts"],
-        )
-
-    def _apply_once(self, command: Command) -> tuple[Outcome, ConcurrencyKeyTaken | None]:
+    def _apply_once(self, command: Command) -> _Pending:
         # BEGIN and COMMIT are sent by hand inside one pipeline: psycopg's transaction()
         # block would sync after BEGIN and again after COMMIT, five round trips instead of two.
         with self.pool.connection() as conn:
             try:
                 with conn.pipeline() as pipeline:
                     conn.execute("BEGIN")
-                    result = self._decide_and_write(conn, pipeline, command)
+                    pending = self._decide_and_write(conn, pipeline, command)
                     conn.execute("COMMIT")
             except BaseException:
                 if not conn.closed:
                     conn.rollback()
                 raise
-        outcome, conflict, outbox_cur = result
-        if outbox_cur is not None:
-            rows = outbox_cur.fetchall()
-            if rows:
-                followups = tuple(OutboxItem.model_validate(r) for r in rows)
-                outcome = outcome.model_copy(update={"followups": followups})
-        return outcome, conflict
+            if pending.context is not None or pending.outbox is not None:
+                _read_back(pending)
+        return pending
 
     def _decide_and_write(
         self, conn: Conn, pipeline: psycopg.Pipeline, command: Command
-    ) -> tuple[Outcome, ConcurrencyKeyTaken | None, psycopg.Cursor[dict[str, Any]] | None]:
+    ) -> _Pending:
+        fence = getattr(command, "fence", None)
+        launch_key = command.concurrency_key if isinstance(command, CreateRun) else None
         row = conn.execute(
             q.LOCK_FOR_COMMAND,
-            (command.run_id, command.idempotency_key, not isinstance(command, CreateRun)),
+            (
+                command.run_id,
+                command.idempotency_key,
+                getattr(command, "step_key", None),
+                fence,
+                launch_key,
+                getattr(command, "concurrency_limit", 1),
+            ),
         ).fetchone()
         assert row is not None
         locked = row["locked"]
-        run_row, step_rows = locked["run"], locked["steps"]
-        receipt = {
-            "outcome": locked["outcome"],
-            "received_at": _timestamp(locked["received_at"]),
-            "now": _timestamp(locked["now"]),
-        }
+        now = timestamp(locked["now"])
+        assert now is not None
         if self.hooks.after_lock:
             self.hooks.after_lock(command)
 
-        if receipt["outcome"] is not None:
-            detail = (
-                f"key first delivered at {receipt['received_at'].isoformat()} "
-                f"with outcome {receipt['outcome']}"
-            )
-            self._insert_drop(conn, command, "duplicate", detail)
-            return self._dropped(command, "duplicate", detail), None, None
+        if locked["outcome"] is not None:
+            return self._duplicate(conn, command, locked)
 
-        run = _run_from_row(run_row) if run_row else None
-        steps = {r["step_key"]: _step_from_row(r) for r in step_rows}
+        run = run_from_row(locked["run"]) if locked["run"] else None
+        steps = {r["step_key"]: step_from_row(r) for r in locked["steps"]}
+        launch = None
+        if launch_key is not None and locked["key"] is not None:
+            launch = key_state(launch_key, locked["key"])
+        source = DbSource(
+            conn, command.run_id, launch_key=launch, limit=getattr(command, "concurrency_limit", 1)
+        )
         try:
-            t = decide(command, run, steps, receipt["now"], self.lease_seconds)
+            t = decide(command, run, steps, now, self.lease_seconds, source)
         except Drop as drop:
-            self._record_drop(conn, command, drop.reason, drop.detail)
-            return self._dropped(command, drop.reason, drop.detail), None, None
+            outbox = self._record_refusal(conn, command, drop)
+            outcome = _dropped(
+                command, drop.reason, drop.detail, transient=drop.reason in TRANSIENT_REASONS
+            )
+            return _Pending(outcome, error=drop.error, outbox=outbox)
 
-        conflict = self._claim_run(conn, command, t)
-        if conflict is not None:
-            return self._dropped(command, "invalid_transition", str(conflict)), conflict, None
-
-        outbox_cur = self._write(conn, command, t)
+        outbox = writes.write(conn, command, t, grace=self.outbox_grace_seconds)
+        context = None
+        if t.started is not None:
+            context = (t.started, t, _upstream(conn, command.run_id, t.started, t))
         if self.hooks.before_commit:
             pipeline.sync()  # so the hook sees the writes done and the locks still held
             self.hooks.before_commit(command)
-        return self._applied(command, t, ()), None, outbox_cur
+        return _Pending(_applied(command, t), outbox=outbox, context=context)
 
-    def _claim_run(self, conn: Conn, command: Command, t: Transition) -> ConcurrencyKeyTaken | None:
-        """Insert a launched run, or check a reopened one, against I5; record any refusal.
-
-        A launch writes its receipt before its row, so a concurrent delivery of the same key
-        waits on the receipt and is then a duplicate, never a rival for the concurrency key.
-        """
-        key = t.run.concurrency_key
-        if t.run_created:
-            self._insert_receipt(conn, command, "applied", None, 1, len(t.events))
-            inserted = conn.execute(
-                q.INSERT_RUN,
-                (t.run.run_id, t.run.workflow, "pending", key, Jsonb(t.run.input), len(t.events)),
-            ).fetchone()
-            if inserted is not None:
-                return None
-        elif key is None or not t.reopened:
-            return None
-        assert key is not None
-        holder = conn.execute(q.KEY_HOLDER, (key, t.run.run_id)).fetchone()
-        if holder is None:
-            if t.run_created:
-                # The holder settled between our insert and this read: start over.
-                raise pg_errors.SerializationFailure("concurrency key released meanwhile")
-            return None
-        err = ConcurrencyKeyTaken(key, holder["run_id"])
-        if t.run_created:
-            conn.execute(
-                q.UPDATE_RECEIPT_OUTCOME, ("invalid_transition", str(err), command.idempotency_key)
+    def _duplicate(self, conn: Conn, command: Command, locked: dict[str, Any]) -> _Pending:
+        received = timestamp(locked["received_at"])
+        assert received is not None
+        detail = f"key first delivered at {received.isoformat()} with outcome {locked['outcome']}"
+        owned = step_from_row(locked["owned"]) if locked["owned"] else None
+        if owned is not None:
+            detail += (
+                f"; delivery {owned.fence} still owns {owned.step_key} attempt "
+                f"{owned.attempt} and runs it"
             )
-            self._insert_drop(conn, command, "invalid_transition", str(err))
-        else:
-            self._record_drop(conn, command, "invalid_transition", str(err))
-        return err
+        _insert_drop(conn, command, "duplicate", detail)
+        conn.execute(q.SPEND_OUTBOX, (command.run_id, command.idempotency_key))
+        outcome = _dropped(command, "duplicate", detail, owner=owned is not None)
+        if owned is None:
+            return _Pending(outcome)
+        run = locked["run"]
+        return _Pending(outcome, context=(owned, run, _upstream(conn, command.run_id, owned, None)))
 
-    def _write(self, conn: Conn, command: Command, t: Transition) -> psycopg.Cursor[dict[str, Any]]:
-        first = t.run.last_seq + 1
-        last = t.run.last_seq + len(t.events)
-        run = t.run
-        new = [s for s in t.steps.values() if s.new]
-        if new:
+    def _record_refusal(
+        self, conn: Conn, command: Command, drop: Drop
+    ) -> psycopg.Cursor[dict[str, Any]] | None:
+        if drop.reason not in TRANSIENT_REASONS:
             conn.execute(
-                q.INSERT_STEPS,
+                q.INSERT_RECEIPT,
                 (
-                    run.run_id,
-                    [s.step_key for s in new],
-                    [s.status for s in new],
-                    [s.attempt for s in new],
-                    [s.max_attempts for s in new],
-                    [Jsonb(list(s.depends_on)) for s in new],
-                    [s.queue for s in new],
-                    [s.timeout_seconds for s in new],
-                    [Jsonb(s.backoff) for s in new],
+                    *_ids(command),
+                    Jsonb(command.model_dump(mode="json")),
+                    drop.reason,
+                    drop.detail,
+                    None,
+                    None,
                 ),
             )
-        changed = [s for s in t.steps.values() if s.dirty]
+            conn.execute(q.SPEND_OUTBOX, (command.run_id, command.idempotency_key))
+        _insert_drop(conn, command, drop.reason, drop.detail)
+        log.info("dropped %s: %s (%s)", command.describe(), drop.reason, drop.detail)
+        if drop.resend is None:
+            return None
+        resend = drop.resend
         return conn.execute(
-            q.WRITE_CHANGES,
+            q.RESEND_LATER,
             {
-                "key": command.idempotency_key,
-                "run_id": run.run_id,
-                "step_key": getattr(command, "step_key", None),
-                "attempt": getattr(command, "attempt", None),
-                "command_type": command.type,
-                "command": Jsonb(command.model_dump(mode="json")),
-                "first_seq": first,
-                "last_seq": last,
-                "with_receipt": not t.run_created,  # a launch's receipt is in _claim_run
-                "s_key": [s.step_key for s in changed],
-                "s_status": [s.status for s in changed],
-                "s_attempt": [s.attempt for s in changed],
-                "s_output": [_jsonb(s.output) for s in changed],
-                "s_error": [_jsonb(s.error) for s in changed],
-                "s_lease": [s.lease_expires_at for s in changed],
-                "s_next": [s.next_attempt_at for s in changed],
-                "r_status": run.status,
-                "r_output": _jsonb(run.output),
-                "r_error": _jsonb(run.error),
-                "e_seq": list(range(first, last + 1)),
-                "e_type": [e.type for e in t.events],
-                "e_step": [e.step_key for e in t.events],
-                "e_attempt": [e.attempt for e in t.events],
-                "e_payload": [Jsonb(e.payload) for e in t.events],
-                "o_queue": [f.queue for f in t.followups],
-                "o_key": [f.command.idempotency_key for f in t.followups],
-                "o_command": [Jsonb(wire(f.command)) for f in t.followups],
-                "o_not_before": [f.not_before for f in t.followups],
-                "o_timeout": [f.timeout_seconds for f in t.followups],
+                "run_id": command.run_id,
+                "queue": resend.queue,
+                "key": resend.command.idempotency_key,
+                "command": Jsonb(wire(resend.command)),
+                "not_before": resend.not_before,
+                "timeout": resend.timeout_seconds,
+                "grace": self.outbox_grace_seconds,
             },
         )
 
-    def _insert_receipt(
-        self,
-        conn: Conn,
-        command: Command,
-        outcome: str,
-        detail: str | None,
-        first_seq: int | None,
-        last_seq: int | None,
-    ) -> None:
-        conn.execute(
-            q.INSERT_RECEIPT,
-            (
-                command.idempotency_key,
-                command.run_id,
-                getattr(command, "step_key", None),
-                getattr(command, "attempt", None),
-                command.type,
-                Jsonb(command.model_dump(mode="json")),
-                outcome,
-                detail,
-                first_seq,
-                last_seq,
-            ),
-        )
 
-    def _insert_drop(self, conn: Conn, command: Command, reason: str, detail: str) -> None:
-        conn.execute(
-            q.INSERT_DROP,
-            (
-                command.idempotency_key,
-                command.run_id,
-                getattr(command, "step_key", None),
-                getattr(command, "attempt", None),
-                command.type,
-                reason,
-                detail,
-                Jsonb(command.model_dump(mode="json")),
-                None,
-            ),
-        )
-
-    def _record_drop(self, conn: Conn, command: Command, reason: str, detail: str) -> None:
-        self._insert_receipt(conn, command, reason, detail, None, None)
-        self._insert_drop(conn, command, reason, detail)
-        log.info("dropped %s: %s (%s)", command.describe(), reason, detail)
-
-    def _dropped(self, command: Command, reason: str, detail: str) -> Outcome:
-        return Outcome(
-            idempotency_key=command.idempotency_key,
-            run_id=command.run_id,
-            command_type=command.type,
-            applied=False,
-            reason=reason,
-            detail=detail,
-        )
-
-    def _applied(self, command: Command, t: Transition, followups: Sequence[OutboxItem]) -> Outcome:
-        first = t.run.last_seq + 1
-        events = tuple(
-            EventRef(seq=first + i, type=e.type, step_key=e.step_key, attempt=e.attempt)
-            for i, e in enumerate(t.events)
-        )
-        started = t.steps[command.step_key] if isinstance(command, StartStep) else t.continued
-        context = None
-        if started is not None:
-            context = StepContext(
-                step_key=started.step_key,
-                attempt=started.attempt,
-                queue=started.queue,
-                workflow=t.run.workflow,
-                run_input=t.run.input,
-                upstream={d: t.steps[d].output for d in started.depends_on},
-                timeout_seconds=started.timeout_seconds,
-                lease_expires_at=started.lease_expires_at,
-                max_attempts=started.max_attempts,
-            )
-        return Outcome(
-            idempotency_key=command.idempotency_key,
-            run_id=command.run_id,
-            command_type=command.type,
-            applied=True,
-            events=events,
-            followups=tuple(followups),
-            run_status=t.run.status,
-            step_context=context,
-            continued=t.continued is not None,
-        )
-
-
-def _jsonb(value: Any) -> Jsonb | None:
-    return None if value is None else Jsonb(value)
-
-
-def _run_from_row(row: dict[str, Any]) -> RunRow:
-    return RunRow(
-        run_id=row["run_id"],
-        workflow=row["workflow"],
-        status=row["status"],
-        concurrency_key=row["concurrency_key"],
-        input=row["input"],
-        output=row["output"],
-        error=row["error"],
-        last_seq=row["last_seq"],
+def _ids(command: Command) -> tuple[Any, ...]:
+    return (
+        command.idempotency_key,
+        command.run_id,
+        getattr(command, "step_key", None),
+        getattr(command, "attempt", None),
+        command.type,
     )
 
 
-def _timestamp(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value)
+def _insert_drop(conn: Conn, command: Command, reason: str, detail: str) -> None:
+    key, run_id, step_key, attempt, kind = _ids(command)
+    conn.execute(
+        q.INSERT_DROP,
+        (
+            key,
+            run_id,
+            step_key,
+            attempt,
+            kind,
+            reason,
+            detail,
+            Jsonb(command.model_dump(mode="json")),
+            None,
+        ),
+    )
 
 
-def _step_from_row(row: dict[str, Any]) -> StepRow:
-    return StepRow(
-        step_key=row["step_key"],
-        status=row["status"],
-        attempt=row["attempt"],
-        max_attempts=row["max_attempts"],
-        depends_on=tuple(row["depends_on"]),
-        queue=row["queue"],
-        timeout_seconds=row["timeout_seconds"],
-        backoff=row["backoff"],
-        output=row["output"],
-        error=row["error"],
-        lease_expires_at=_timestamp(row["lease_expires_at"]),
-        next_attempt_at=_timestamp(row["next_attempt_at"]),
+def _upstream(
+    conn: Conn, run_id: str, step: StepRow, t: Transition | None
+) -> psycopg.Cursor[dict[str, Any]]:
+    """Outputs of the started step's upstream, read in the commit's round trip. Completed
+    steps never change, so reading them outside any lock would do as well."""
+    known = () if t is None else tuple(d for d in step.depends_on if d in t.steps)
+    wanted = [d for d in step.depends_on if d not in known]
+    return conn.execute(q.OUTPUTS, (run_id, wanted))
+
+
+def _read_back(pending: _Pending) -> None:
+    outcome = pending.outcome
+    updates: dict[str, Any] = {}
+    if pending.outbox is not None:
+        rows = pending.outbox.fetchall()
+        if rows:
+            updates["followups"] = tuple(OutboxItem.model_validate(r) for r in rows)
+    if pending.context is not None:
+        step, where, cursor = pending.context
+        upstream = {r["step_key"]: r["output"] for r in cursor.fetchall()}
+        if isinstance(where, Transition):
+            for d in step.depends_on:
+                if d in where.steps:
+                    upstream[d] = where.steps[d].output
+            workflow, run_input = where.run.workflow, where.run.input
+        else:
+            workflow, run_input = where["workflow"], where["input"]
+        updates["step_context"] = StepContext(
+            step_key=step.step_key,
+            attempt=step.attempt,
+            queue=step.queue,
+            workflow=workflow,
+            run_input=run_input,
+            upstream=upstream,
+            timeout_seconds=step.timeout_seconds,
+            lease_expires_at=step.lease_expires_at,
+            max_attempts=step.max_attempts,
+            fence=step.fence,
+            kind=step.kind,
+            item=step.item,
+            item_index=step.item_index,
+            parent_step=step.parent_step,
+        )
+    if updates:
+        pending.outcome = outcome.model_copy(update=updates)
+
+
+def _dropped(
+    command: Command, reason: str, detail: str, *, transient: bool = False, owner: bool = False
+) -> Outcome:
+    return Outcome(
+        idempotency_key=command.idempotency_key,
+        run_id=command.run_id,
+        command_type=command.type,
+        applied=False,
+        reason=reason,
+        detail=detail,
+        transient=transient,
+        owner=owner,
+    )
+
+
+def _applied(command: Command, t: Transition) -> Outcome:
+    first = t.run.last_seq - len(t.events) + 1
+    events = tuple(
+        EventRef(seq=first + i, type=e.type, step_key=e.step_key, attempt=e.attempt)
+        for i, e in enumerate(t.events)
+    )
+    return Outcome(
+        idempotency_key=command.idempotency_key,
+        run_id=command.run_id,
+        command_type=command.type,
+        applied=True,
+        events=events,
+        run_status=t.run.status,
+        continued=t.continued is not None,
     )

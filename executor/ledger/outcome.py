@@ -45,6 +45,11 @@ class StepContext(BaseModel):
     timeout_seconds: float | None
     lease_expires_at: datetime | None
     max_attempts: int
+    fence: str | None = None
+    kind: str = "task"
+    item: Any = None
+    item_index: int | None = None
+    parent_step: str | None = None
 
 
 class Outcome(BaseModel):
@@ -62,6 +67,11 @@ class Outcome(BaseModel):
     step_context: StepContext | None = None
     continued: bool = False
     """A completion that also started `step_context`'s step for its sender to run in place."""
+    owner: bool = False
+    """A duplicate from the delivery that owns `step_context`'s attempt (its earlier try
+    committed, the answer was lost): the sender must run that step, nobody else will."""
+    transient: bool = False
+    """Refused for now (`key_taken`, `paused`, `not_due`, `busy`); the key stays usable."""
 
     @property
     def dropped(self) -> bool:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-ACTIVE = "('pending', 'running', 'paused')"
-
-# See sql/004_lock_for_command.sql: the run lock, the step locks and the key, in one call.
-LOCK_FOR_COMMAND = "SELECT executor.lock_for_command(%s, %s, %s) AS locked"
+# See sql/005: the run lock, the key, and the rows the command names, in one call.
+LOCK_FOR_COMMAND = "SELECT executor.lock_for_command(%s, %s, %s, %s, %s, %s) AS locked"
 
 INSERT_RECEIPT = """
 INSERT INTO executor.receipts
@@ -14,44 +12,130 @@ INSERT INTO executor.receipts
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 """
 
-UPDATE_RECEIPT_OUTCOME = """
-UPDATE executor.receipts SET outcome = %s, detail = %s, first_seq = NULL, last_seq = NULL
-WHERE idempotency_key = %s
-"""
-
 INSERT_DROP = """
 INSERT INTO executor.drops
     (idempotency_key, run_id, step_key, attempt, command_type, reason, detail, command, raw)
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
 """
 
-# ON CONFLICT on the partial unique index (I5): a competing launch waits for the holder's
-# transaction, then inserts nothing; the caller names the holder in its error.
-INSERT_RUN = f"""
-INSERT INTO executor.runs (run_id, workflow, status, concurrency_key, input, last_seq)
-VALUES (%s, %s, %s, %s, %s, %s)
-ON CONFLICT (concurrency_key)
-    WHERE concurrency_key IS NOT NULL AND status IN {ACTIVE}
-DO NOTHING
-RETURNING run_id
+INSERT_OUTBOX = """
+INSERT INTO executor.outbox
+    (run_id, queue, idempotency_key, command, not_before, timeout_seconds, push_after)
+VALUES (%(run_id)s, %(queue)s, %(key)s, %(command)s, COALESCE(%(not_before)s, now()),
+        %(timeout)s, COALESCE(%(not_before)s, now()) + make_interval(secs => %(grace)s))
+RETURNING outbox_id, run_id, queue, idempotency_key, command, not_before, timeout_seconds
 """
 
-KEY_HOLDER = f"""
-SELECT run_id FROM executor.runs
-WHERE concurrency_key = %s AND status IN {ACTIVE} AND run_id <> %s
-LIMIT 1
+# A command refused as not due goes back to the outbox for when it is: its own row moves
+# (or, if it arrived another way, a row is written).
+RESEND_LATER = """
+WITH moved AS (
+    UPDATE executor.outbox
+    SET not_before = %(not_before)s,
+        push_after = %(not_before)s + make_interval(secs => %(grace)s)
+    WHERE run_id = %(run_id)s AND idempotency_key = %(key)s
+    RETURNING outbox_id, run_id, queue, idempotency_key, command, not_before, timeout_seconds
+), added AS (
+    INSERT INTO executor.outbox
+        (run_id, queue, idempotency_key, command, not_before, timeout_seconds, push_after)
+    SELECT %(run_id)s, %(queue)s, %(key)s, %(command)s, %(not_before)s, %(timeout)s,
+           %(not_before)s + make_interval(secs => %(grace)s)
+    WHERE NOT EXISTS (SELECT 1 FROM moved)
+    RETURNING outbox_id, run_id, queue, idempotency_key, command, not_before, timeout_seconds
+)
+SELECT * FROM moved UNION ALL SELECT * FROM added
+"""
+
+# The row that carried a command goes with the transaction that decides it.
+SPEND_OUTBOX = "DELETE FROM executor.outbox WHERE run_id = %s AND idempotency_key = %s"
+
+# --- reads a decision may pull in (RowSource); each locks what it returns -----------------
+
+_STEP = "SELECT * FROM executor.steps WHERE run_id = %s"
+
+STEPS_BY_KEY = f"{_STEP} AND step_key = ANY(%s) ORDER BY step_key FOR UPDATE"
+STEPS_RESUMABLE = (
+    f"{_STEP} AND ((status = 'pending' AND waiting_on = 0) OR status = 'retrying') "
+    "ORDER BY step_key FOR UPDATE"
+)
+STEPS_UNFINISHED = (
+    f"{_STEP} AND status NOT IN ('completed', 'failed', 'cancelled') ORDER BY step_key FOR UPDATE"
+)
+STEPS_WAITING_FOR = (
+    f"{_STEP} AND status = 'waiting' AND event_name = %s ORDER BY step_key FOR UPDATE"
+)
+FAILED_STEP = (
+    "SELECT step_key FROM executor.steps WHERE run_id = %s AND status = 'failed' "
+    "ORDER BY step_key LIMIT 1"
+)
+SINK_OUTPUTS = (
+    "SELECT step_key, output FROM executor.steps "
+    "WHERE run_id = %s AND dependants = '{}' AND parent_step IS NULL"
+)
+ITEM_OUTPUTS = (
+    "SELECT item_index, output FROM executor.steps "
+    "WHERE run_id = %s AND parent_step = %s ORDER BY item_index"
+)
+BUFFERED_EVENT = """
+SELECT received_seq, payload FROM executor.run_events
+WHERE run_id = %s AND event = %s AND consumed_by IS NULL
+ORDER BY received_seq LIMIT 1 FOR UPDATE
+"""
+
+ENSURE_KEY = """
+INSERT INTO executor.concurrency_keys (concurrency_key, concurrency_limit)
+VALUES (%(key)s, %(limit)s) ON CONFLICT DO NOTHING
+"""
+KEY_STATE = """
+SELECT k.concurrency_limit AS limit,
+       (SELECT coalesce(jsonb_object_agg(r.concurrency_slot::text, r.run_id), '{}')
+        FROM executor.runs AS r
+        WHERE r.concurrency_key = k.concurrency_key AND r.concurrency_slot IS NOT NULL
+          AND r.run_id <> %(run_id)s) AS holders,
+       (SELECT count(*) FROM executor.runs AS r
+        WHERE r.concurrency_key = k.concurrency_key AND r.status = 'queued') AS queued
+FROM executor.concurrency_keys AS k WHERE k.concurrency_key = %(key)s
+FOR UPDATE OF k
+"""
+OLDEST_QUEUED = """
+SELECT * FROM executor.runs
+WHERE concurrency_key = %s AND status = 'queued'
+ORDER BY queue_position LIMIT 1
+FOR UPDATE
+"""
+ANY_QUEUED = (
+    "SELECT EXISTS (SELECT 1 FROM executor.runs WHERE concurrency_key = %s AND status = 'queued')"
+    " AS any"
+)
+
+# --- writes ---------------------------------------------------------------------------------
+
+INSERT_RUN = """
+INSERT INTO executor.runs
+    (run_id, workflow, status, concurrency_key, concurrency_limit, concurrency_slot, input,
+     last_seq, parent_run_id, parent_step_key, parent_attempt, queue_position)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
+        CASE WHEN %s THEN nextval('executor.run_queue_position') END)
+"""
+
+SET_KEY_LIMIT = """
+UPDATE executor.concurrency_keys SET concurrency_limit = %s, updated_at = now()
+WHERE concurrency_key = %s AND concurrency_limit <> %s
 """
 
 INSERT_STEPS = """
 INSERT INTO executor.steps
     (run_id, step_key, status, attempt, max_attempts, depends_on, queue, timeout_seconds,
-     backoff)
+     backoff, kind, dependants, waiting_on, map_over, parent_step, item_index, item)
 SELECT %s, u.step_key, u.status, u.attempt, u.max_attempts,
        ARRAY(SELECT jsonb_array_elements_text(u.depends_on)), u.queue, u.timeout_seconds,
-       u.backoff
+       u.backoff, u.kind, ARRAY(SELECT jsonb_array_elements_text(u.dependants)), u.waiting_on,
+       u.map_over, u.parent_step, u.item_index, u.item
 FROM unnest(%s::text[], %s::text[], %s::int[], %s::int[], %s::jsonb[], %s::text[],
-            %s::float8[], %s::jsonb[])
-    AS u(step_key, status, attempt, max_attempts, depends_on, queue, timeout_seconds, backoff)
+            %s::float8[], %s::jsonb[], %s::text[], %s::jsonb[], %s::int[], %s::text[],
+            %s::text[], %s::int[], %s::jsonb[])
+    AS u(step_key, status, attempt, max_attempts, depends_on, queue, timeout_seconds, backoff,
+         kind, dependants, waiting_on, map_over, parent_step, item_index, item)
 """
 
 # Every write of an applied command in one statement: data-modifying CTEs share the
@@ -62,61 +146,98 @@ WITH receipt AS (
     INSERT INTO executor.receipts
         (idempotency_key, run_id, step_key, attempt, command_type, command, outcome,
          first_seq, last_seq)
-    SELECT %(key)s, %(run_id)s, %(step_key)s::text, %(attempt)s::int, %(command_type)s,
-           %(command)s, 'applied', %(first_seq)s, %(last_seq)s
-    WHERE %(with_receipt)s
+    VALUES (%(key)s, %(run_id)s, %(step_key)s::text, %(attempt)s::int, %(command_type)s,
+            %(command)s, 'applied', %(first_seq)s, %(last_seq)s)
+), spent AS (
+    DELETE FROM executor.outbox
+    WHERE run_id = %(run_id)s AND idempotency_key = ANY(%(spent)s::text[])
 ), changed_steps AS (
     UPDATE executor.steps AS s
     SET status = u.status, attempt = u.attempt, output = u.output, error = u.error,
         lease_expires_at = u.lease_expires_at, next_attempt_at = u.next_attempt_at,
-        updated_at = now()
+        waiting_on = u.waiting_on, items_total = u.items_total, items_done = u.items_done,
+        fence = u.fence, wake_at = u.wake_at, event_name = u.event_name,
+        child_run_id = u.child_run_id, updated_at = now()
     FROM unnest(%(s_key)s::text[], %(s_status)s::text[], %(s_attempt)s::int[],
                 %(s_output)s::jsonb[], %(s_error)s::jsonb[], %(s_lease)s::timestamptz[],
-                %(s_next)s::timestamptz[])
-        AS u(step_key, status, attempt, output, error, lease_expires_at, next_attempt_at)
+                %(s_next)s::timestamptz[], %(s_waiting_on)s::int[], %(s_items_total)s::int[],
+                %(s_items_done)s::int[], %(s_fence)s::text[], %(s_wake)s::timestamptz[],
+                %(s_event)s::text[], %(s_child)s::text[])
+        AS u(step_key, status, attempt, output, error, lease_expires_at, next_attempt_at,
+             waiting_on, items_total, items_done, fence, wake_at, event_name, child_run_id)
     WHERE s.run_id = %(run_id)s AND s.step_key = u.step_key
 ), changed_run AS (
     UPDATE executor.runs
     SET status = %(r_status)s, output = %(r_output)s, error = %(r_error)s,
-        last_seq = %(last_seq)s, updated_at = now()
+        last_seq = %(last_seq)s, concurrency_slot = %(r_slot)s,
+        steps_total = %(r_total)s, steps_completed = %(r_completed)s,
+        steps_active = %(r_active)s, steps_failed = %(r_failed)s, updated_at = now()
     WHERE run_id = %(run_id)s
 ), appended AS (
     INSERT INTO executor.events (run_id, seq, type, step_key, attempt, idempotency_key, payload)
-    SELECT %(run_id)s, u.seq, u.type, u.step_key, u.attempt, %(key)s, u.payload
-    FROM unnest(%(e_seq)s::bigint[], %(e_type)s::text[], %(e_step)s::text[],
-                %(e_attempt)s::int[], %(e_payload)s::jsonb[])
-        AS u(seq, type, step_key, attempt, payload)
+    SELECT %(run_id)s, %(first_seq)s::bigint + u.n - 1, u.type, u.step_key, u.attempt, %(key)s,
+           u.payload
+    FROM unnest(%(e_type)s::text[], %(e_step)s::text[], %(e_attempt)s::int[],
+                %(e_payload)s::jsonb[]) WITH ORDINALITY AS u(type, step_key, attempt, payload, n)
 )
 INSERT INTO executor.outbox
-    (run_id, queue, idempotency_key, command, not_before, timeout_seconds)
-SELECT %(run_id)s, u.queue, u.idempotency_key, u.command, COALESCE(u.not_before, now()),
-       u.timeout_seconds
-FROM unnest(%(o_queue)s::text[], %(o_key)s::text[], %(o_command)s::jsonb[],
+    (run_id, queue, idempotency_key, command, not_before, timeout_seconds, push_after)
+SELECT u.run_id, u.queue, u.idempotency_key, u.command, COALESCE(u.not_before, now()),
+       u.timeout_seconds,
+       COALESCE(u.not_before, now()) + make_interval(secs => %(grace)s::float8)
+FROM unnest(%(o_run)s::text[], %(o_queue)s::text[], %(o_key)s::text[], %(o_command)s::jsonb[],
             %(o_not_before)s::timestamptz[], %(o_timeout)s::float8[])
-    AS u(queue, idempotency_key, command, not_before, timeout_seconds)
+    AS u(run_id, queue, idempotency_key, command, not_before, timeout_seconds)
 RETURNING outbox_id, run_id, queue, idempotency_key, command, not_before, timeout_seconds
 """
 
-STARTED_BY = """
-SELECT s.step_key, s.attempt, s.queue, s.timeout_seconds, s.lease_expires_at, s.max_attempts,
-       s.depends_on, r.workflow, r.input
-FROM executor.events AS e
-JOIN executor.steps AS s
-  ON s.run_id = e.run_id AND s.step_key = e.step_key AND s.attempt = e.attempt
- AND s.status = 'running'
-JOIN executor.runs AS r ON r.run_id = e.run_id AND r.status = 'running'
-WHERE e.run_id = %s AND e.idempotency_key = %s AND e.type = 'step_started'
+# A second run the same transaction changes (a run admitted to a freed slot, or a child run
+# created by its parent's step): its row, its events and its own receipt.
+WRITE_OTHER_RUN = """
+WITH receipt AS (
+    INSERT INTO executor.receipts
+        (idempotency_key, run_id, command_type, command, outcome, first_seq, last_seq)
+    VALUES (%(key)s, %(run_id)s, %(command_type)s, %(command)s, 'applied', %(first_seq)s,
+            %(last_seq)s)
+), spent AS (
+    DELETE FROM executor.outbox WHERE run_id = %(run_id)s AND idempotency_key = %(key)s
+), changed_run AS (
+    UPDATE executor.runs
+    SET status = %(status)s, concurrency_slot = %(slot)s, last_seq = %(last_seq)s,
+        updated_at = now()
+    WHERE run_id = %(run_id)s
+)
+INSERT INTO executor.events (run_id, seq, type, idempotency_key, payload)
+SELECT %(run_id)s, %(first_seq)s::bigint + u.n - 1, u.type, %(key)s, u.payload
+FROM unnest(%(e_type)s::text[], %(e_payload)s::jsonb[]) WITH ORDINALITY AS u(type, payload, n)
 """
+
+INSERT_RUN_EVENTS = """
+INSERT INTO executor.run_events
+    (run_id, received_seq, event, idempotency_key, payload, consumed_by, consumed_seq)
+SELECT %s, u.received_seq, u.event, %s, u.payload, u.consumed_by,
+       CASE WHEN u.consumed_by IS NOT NULL THEN u.received_seq END
+FROM unnest(%s::bigint[], %s::text[], %s::jsonb[], %s::text[])
+    AS u(received_seq, event, payload, consumed_by)
+"""
+
+CONSUME_RUN_EVENT = """
+UPDATE executor.run_events SET consumed_by = %s, consumed_seq = %s
+WHERE run_id = %s AND received_seq = %s
+"""
+
+NOTIFY_ENDED = "SELECT pg_notify('executor_run_ended', %s)"
 
 OUTPUTS = """
 SELECT step_key, output FROM executor.steps WHERE run_id = %s AND step_key = ANY(%s)
 """
 
-# Heartbeats extend a lease without an event; the attempt and status in the WHERE clause are
-# the fence: a superseded attempt updates nothing and learns it lost the lease.
+# Heartbeats extend a lease without an event; attempt, fence and status in the WHERE clause
+# are the fence: a superseded attempt or another delivery updates nothing and learns it.
 EXTEND_LEASE = """
 UPDATE executor.steps
 SET lease_expires_at = now() + make_interval(secs => %s)
 WHERE run_id = %s AND step_key = %s AND attempt = %s AND status = 'running'
+  AND fence IS NOT DISTINCT FROM %s
 RETURNING lease_expires_at
 """

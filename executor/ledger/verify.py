@@ -26,6 +26,7 @@ RUN_EDGES: dict[str, dict[str, set[str]]] = {
 }
 STEP_TERMINAL = {"completed", "failed", "cancelled"}
 RUN_TERMINAL = {"completed", "failed", "cancelled"}
+TRANSIENT_REASONS = {"key_taken", "paused", "not_due", "busy"}
 OUTCOME_EVENTS = {
     "step_completed": "completed",
     "step_failed": "failed",
@@ -335,6 +336,8 @@ def _check_receipts(
         if d["idempotency_key"] is None:
             continue
         drops_by_key[(d["idempotency_key"], d["reason"])] += 1
+        if d["reason"] in TRANSIENT_REASONS:
+            continue  # a refusal for now leaves the key usable: no receipt by design
         if d["idempotency_key"] not in receipts:
             yield Violation(
                 d["run_id"], None, None, "I2", f"drop of key {d['idempotency_key']} has no receipt"

@@ -1,31 +1,26 @@
-"""One recovery sweep: the outbox relay, then the reaper, by one leader at a time.
+"""One recovery sweep — the outbox relay, then the reaper — by one leader at a time.
 
-Every worker calls `sweep` every `sweep_interval`; whoever gets the transaction-level
-advisory lock does the work and the others skip at once (`pg_try_advisory_xact_lock`, never
-a wait). The lock lives in a transaction on its own connection, so it is released however
-the sweep ends: commit, error, or the process dying with its session. Running the relay and
-reaper twice concurrently would be safe anyway (SKIP LOCKED, unique job ids, idempotency
-keys); the lock only saves the duplicate work.
+`Leader` (executor.recovery.leader) runs sweeps inside every worker process; `sweep_once`
+is `executor sweep`, a single pass from outside. Whoever gets the advisory lock does the
+work and the others skip at once (never a wait). Running the relay and reaper twice
+concurrently would be safe anyway (SKIP LOCKED, unique job ids, idempotency keys); the lock
+only saves the duplicate work.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
-import psycopg
 import redis
-from psycopg_pool import ConnectionPool
 
 from executor.ledger.handler import Ledger
 from executor.recovery.reaper import ReapReport, reap
 from executor.recovery.relay import RelayReport, relay
-from executor.storage.db import open_pool
+from executor.storage.db import Pool, open_pool
 from executor.transport.dispatch import Dispatcher
 from queue_config import ExecutorSettings, load_settings
-
-Pool = ConnectionPool[psycopg.Connection[dict[str, Any]]]
 
 # "ex-sweep" in ASCII as a bigint; distinct from the migration lock.
 SWEEP_LOCK_KEY = 0x65782D7377656570
@@ -54,7 +49,7 @@ class SweepReport:
     @property
     def did_work(self) -> bool:
         r, p = self.relay, self.reap
-        return bool(r.claimed or p.expired or p.requeued or p.redispatched or p.restarted or p.busy)
+        return bool(r.claimed or p.expired or p.woken or p.busy)
 
     def __str__(self) -> str:
         if not self.leader:
@@ -63,15 +58,21 @@ class SweepReport:
         return (
             f"sweep in {self.seconds * 1000:.0f} ms: relayed {r.pushed}/{r.claimed} outbox rows"
             f"{f' ({r.failed} failed)' if r.failed else ''}; expired {p.expired} leases; "
-            f"re-pushed {p.requeued} queued steps and {p.restarted} pending runs; "
-            f"re-dispatched {p.redispatched} retries"
+            f"fired {p.woken} timers"
             f"{f'; {p.busy} commands hit a busy ledger' if p.busy else ''}"
         )
 
 
+def sweep_work(context: SweepContext) -> SweepReport:
+    """The sweep itself, for a caller that already leads."""
+    started = time.monotonic()
+    relayed = relay(context.pool, context.dispatcher, context.settings)
+    reaped = reap(context.pool, context.ledger, context.dispatcher)
+    return SweepReport(leader=True, relay=relayed, reap=reaped, seconds=time.monotonic() - started)
+
+
 def sweep(context: SweepContext, *, lock_timeout: float | None = None) -> SweepReport:
     """Relay then reap, if no one else is sweeping. Postgres/Redis errors propagate."""
-    started = time.monotonic()
     settings = context.settings
     timeout = lock_timeout if lock_timeout is not None else max(1.0, settings.sweep_interval)
     with context.pool.connection(timeout=timeout) as conn, conn.transaction():
@@ -80,9 +81,7 @@ def sweep(context: SweepContext, *, lock_timeout: float | None = None) -> SweepR
         ).fetchone()
         if row is None or not row["ok"]:
             return SweepReport(leader=False)
-        relayed = relay(context.pool, context.dispatcher, settings)
-        reaped = reap(context.pool, context.ledger, context.dispatcher, settings)
-    return SweepReport(leader=True, relay=relayed, reap=reaped, seconds=time.monotonic() - started)
+        return sweep_work(context)
 
 
 @dataclass
@@ -104,7 +103,11 @@ def sweep_once(
         context = _Context(
             settings=settings,
             pool=pool,
-            ledger=Ledger(pool, lease_seconds=settings.lease_seconds),
+            ledger=Ledger(
+                pool,
+                lease_seconds=settings.lease_seconds,
+                outbox_grace_seconds=settings.outbox_grace_seconds,
+            ),
             dispatcher=Dispatcher(client, settings, pool),
         )
         return sweep(context)

@@ -60,3 +60,7 @@ def open_pool(
 def connect(url: str) -> psycopg.Connection[dict[str, Any]]:
     """A single autocommit connection, for CLI commands and tests."""
     return psycopg.connect(url, row_factory=dict_row, autocommit=True)
+
+
+Pool = ConnectionPool[psycopg.Connection[dict[str, Any]]]
+"""The pool type every module shares."""

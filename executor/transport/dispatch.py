@@ -12,23 +12,28 @@ finished; one that failed, was stopped or cancelled is replaced, because such a 
 applied its command (the ledger was unreachable, the worker died before the handler
 committed), and the step it carries would otherwise wait for the failure TTL.
 
-Commands due later (a retry's backoff) are not sent to Redis early: their outbox rows stay
-in Postgres and the relay pushes them once due. RQ's scheduled jobs would need a scheduler
-process beside the workers and would sit in Redis, where a flush loses them; the outbox
-already has the row, durable, and the relay already runs every `sweep_interval`. The cost is
-that a retry starts up to one sweep interval after its backoff ends.
+Pushing never deletes an outbox row: the transaction that applies (or finally refuses) a
+command deletes the row that carried it, so a row lives exactly as long as its command is
+undecided, and the relay pushes it again whenever its `push_after` passes.
 
-Push failures (Redis down) are logged and leave the rows in the outbox for the relay; they
-never raise into the caller, whose command has already committed.
+Commands due later (a retry's backoff) are not sent to Redis early. The process that wrote
+them keeps them on a timer (`Later`) and pushes each at its time; if that process dies, the
+relay pushes the row once `push_after` (due time + grace) passes. RQ's scheduled jobs would
+need a scheduler beside the workers and live in Redis, where a flush loses them.
+
+Push failures (Redis down) are logged and leave the rows to the relay; they never raise into
+the caller, whose command has already committed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import logging
 import math
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -39,7 +44,6 @@ from rq.exceptions import DuplicateJobError
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 
-from executor.commands.models import Command, wire
 from executor.ledger.outcome import OutboxItem
 from executor.transport.serializer import JSONCommandSerializer
 from queue_config import ExecutorSettings
@@ -57,15 +61,7 @@ Pool = ConnectionPool[Conn]
 CLOCK_TOLERANCE = timedelta(milliseconds=50)
 
 # RQ statuses meaning the job never applied its command, so a re-push must replace it.
-_WAITING = frozenset({JobStatus.QUEUED.value, JobStatus.DEFERRED.value, JobStatus.SCHEDULED.value})
 _DEAD = frozenset({JobStatus.FAILED.value, JobStatus.STOPPED.value, JobStatus.CANCELED.value})
-
-_CONFIRM_PUSHED = """
-DELETE FROM executor.outbox WHERE outbox_id IN (
-    SELECT outbox_id FROM executor.outbox WHERE outbox_id = ANY(%s) FOR UPDATE SKIP LOCKED
-)
-"""
-
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -89,11 +85,7 @@ def describe(command: dict[str, Any]) -> str:
 
 
 class Dispatcher:
-    """Turns outbox items and commands into RQ jobs; thread-safe (redis-py and the pool are).
-
-    With a pool, `push` deletes the rows it pushed and looks up step timeouts; without one it
-    only enqueues, and the relay later finds the jobs present and deletes the rows.
-    """
+    """Turns outbox items into RQ jobs; thread-safe (redis-py is)."""
 
     def __init__(
         self, redis: redis.Redis, settings: ExecutorSettings, pool: Pool | None = None
@@ -102,29 +94,24 @@ class Dispatcher:
         self.settings = settings
         self.pool = pool
         self._queues: dict[str, Queue] = {}
-
-    # --- the handler's path ----------------------------------------------------------------
+        self.later = Later(self.push_items)
 
     def push(self, items: Sequence[OutboxItem]) -> None:
-        """Enqueue the due items, then delete their outbox rows in one statement.
+        """Enqueue the due items now and the others when they are due.
 
-        Never raises for Redis or Postgres trouble: the rows stay and the relay retries.
+        Never raises for Redis trouble: the rows stay and the relay retries.
         """
         if not items:
             return
         now = datetime.now(UTC)
-        due = [i for i in items if _is_due(i, now)]
-        if len(due) < len(items):
-            log.debug("%d item(s) not yet due, left for the relay", len(items) - len(due))
-        pushed = self.push_items(due)
-        if pushed and self.pool is not None:
-            try:
-                with self.pool.connection() as conn:
-                    conn.execute(_CONFIRM_PUSHED, (pushed,))
-            except psycopg.Error as exc:
-                log.warning(
-                    "pushed %d job(s) but could not delete their outbox rows: %s", len(pushed), exc
-                )
+        due = []
+        for item in items:
+            if _is_due(item, now):
+                due.append(item)
+            else:
+                self.later.add(item)
+        if due:
+            self.push_items(due)
 
     def push_items(self, items: Sequence[OutboxItem]) -> list[int]:
         """Enqueue each item now (due or not); returns the outbox ids now safely in Redis.
@@ -134,7 +121,12 @@ class Dispatcher:
         pushed: list[int] = []
         for item in items:
             try:
-                self.ensure_job(item.command, item.queue, step_timeout=item.timeout_seconds)
+                self.ensure_job(
+                    item.command,
+                    item.queue,
+                    step_timeout=item.timeout_seconds,
+                    replace_started_after=self.settings.outbox_grace_seconds,
+                )
             except redis.RedisError as exc:
                 log.warning(
                     "could not push %s (%s); %d item(s) left in the outbox for the relay",
@@ -145,16 +137,6 @@ class Dispatcher:
                 break
             pushed.append(item.outbox_id)
         return pushed
-
-    # --- commands from clients and the reaper ------------------------------------------------
-
-    def enqueue_command(self, command: Command, queue: str | None = None) -> str:
-        """Enqueue a command for a worker to apply (Client.submit); returns the RQ job id.
-
-        Unlike `push`, Redis errors raise: nothing durable holds this command yet.
-        """
-        self.ensure_job(wire(command), queue or self.settings.default_queue)
-        return job_id_for(command.idempotency_key)
 
     def ensure_job(
         self,
@@ -167,8 +149,8 @@ class Dispatcher:
         """Make sure a live job carries `command`; returns "enqueued", "present" or "replaced".
 
         `replace_started_after` (seconds) also replaces a job RQ has held as started for that
-        long: the reaper uses it for a step still `queued` in the ledger, whose start job
-        would have moved it to `running` within milliseconds had its worker lived.
+        long. Pushes come from outbox rows, and a row is gone once its command is decided, so
+        a job started that long ago whose command is still undecided lost its worker.
         """
         key = str(command["idempotency_key"])
         job_id = job_id_for(key)
@@ -190,21 +172,6 @@ class Dispatcher:
                 log.info("replaced %s job %s for %s", status or "broken", job_id, key)
                 return "replaced"
         return "present"
-
-    def job_is_live(self, idempotency_key: str, *, started_within: float) -> bool:
-        """Queued, or started less than `started_within` seconds ago (else its worker died)."""
-        status, started_at = self.redis.hmget(
-            Job.key_for(job_id_for(idempotency_key)), ["status", "started_at"]
-        )
-        state = _text(status)
-        if state == JobStatus.STARTED.value:
-            return not _older_than(_text(started_at), started_within)
-        return state in _WAITING
-
-    def job_state(self, idempotency_key: str) -> str | None:
-        """RQ status of the job carrying this key, or None when Redis has no such job."""
-        raw = self.redis.hget(Job.key_for(job_id_for(idempotency_key)), "status")
-        return _text(raw)
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -259,6 +226,51 @@ class Dispatcher:
             raise
         except Exception:  # a hash RQ cannot even load: remove it by key
             self.redis.delete(Job.key_for(job_id))
+
+
+class Later:
+    """Items due later, pushed at their time by one timer thread of this process.
+
+    Only for precision: every item is an outbox row the relay pushes anyway once its
+    `push_after` passes, so a process that dies with items here loses nothing.
+    """
+
+    def __init__(self, push: Callable[[Sequence[OutboxItem]], list[int]]) -> None:
+        self._push = push
+        self._heap: list[tuple[datetime, int, OutboxItem]] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, item: OutboxItem) -> None:
+        assert item.not_before is not None
+        with self._wake:
+            heapq.heappush(self._heap, (item.not_before, item.outbox_id, item))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name="executor-later", daemon=True
+                )
+                self._thread.start()
+            self._wake.notify()
+
+    def pending(self) -> int:
+        with self._wake:
+            return len(self._heap)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._heap:
+                    self._wake.wait()
+                due_at = self._heap[0][0]
+                wait = (due_at - datetime.now(UTC)).total_seconds()
+                if wait > 0:
+                    self._wake.wait(wait)
+                    continue
+                _, _, item = heapq.heappop(self._heap)
+            try:
+                self._push([item])
+            except Exception:  # the relay pushes the row later
+                log.warning("could not push %s on time", item.idempotency_key, exc_info=True)
 
 
 def _is_due(item: OutboxItem, now: datetime) -> bool:

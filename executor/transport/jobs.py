@@ -10,8 +10,8 @@ argument. `deliver` decodes it strictly and routes it:
 
 then pushes the follow-ups the commit wrote to the outbox. A dropped command ends the job at
 once; the drop is in the ledger, in the log and in the job's return value. Ledger or network
-errors propagate, failing the RQ job: the command was not applied, and the relay or reaper
-sends it again.
+errors propagate, failing the RQ job: the command was not applied, its outbox row is still
+there, and the relay sends it again.
 
 `ExecutorWorker` screens jobs before they get here; `deliver` still validates on its own so
 that any RQ worker with our serializer that runs it stays safe.
@@ -24,10 +24,12 @@ import logging
 import math
 import signal
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from rq import get_current_job
+from rq.job import Job
 
 from executor.commands.models import (
     COMMAND_TYPES,
@@ -37,7 +39,13 @@ from executor.commands.models import (
     StartStep,
     parse_obj,
 )
-from executor.errors import ConcurrencyKeyTaken, InvalidCommand
+from executor.errors import (
+    ConcurrencyKeyTaken,
+    ConcurrencyLimitConflict,
+    InvalidCommand,
+    UnknownWorkflow,
+)
+from executor.ledger.outcome import Outcome
 from executor.transport.runtime import Runtime, get_runtime
 from executor.workflows.runner import plan_run
 
@@ -52,16 +60,28 @@ def deliver(command: dict[str, Any]) -> str:
     job = get_current_job()
     if job is None:
         return handle(get_runtime(), command)
-    return handle(get_runtime(), command, job_timeout=job.timeout, queue=job.origin)
+    return handle(get_runtime(), command, job_timeout=job.timeout, queue=job.origin, job=job)
+
+
+def new_fence() -> str:
+    """A token for one delivery: who owns the attempt this job starts."""
+    return uuid.uuid4().hex[:16]
 
 
 def handle(
-    runtime: Runtime, payload: Any, *, job_timeout: float | None = None, queue: str | None = None
+    runtime: Runtime,
+    payload: Any,
+    *,
+    job_timeout: float | None = None,
+    queue: str | None = None,
+    job: Job | None = None,
 ) -> str:
     """Decode, route and apply one command payload (already JSON-decoded).
 
     A step job may go on to run dependants in place for half its `job_timeout`, so the
-    chain ends well before RQ's timeout for the job fires.
+    chain ends well before RQ's timeout for the job fires. A transient refusal deletes the
+    job as it finishes (RQ's result_ttl=0), so the outbox can deliver the same command,
+    under the same job id, again.
     """
     try:
         command = decode(payload)
@@ -72,32 +92,47 @@ def handle(
         )
         return f"dropped invalid_payload: {exc}"
 
+    runner = runtime.runner
+    fence = new_fence()
     try:
         budget, rearm = _in_place_budget(job_timeout)
         if isinstance(command, StartStep):
-            outcome = runtime.runner.run(command, continue_for=budget, on_continue=rearm)
+            outcome = runner.run(command, fence=fence, continue_for=budget, on_continue=rearm)
         else:
             if isinstance(command, StartRun) and not command.steps:
                 retry = runtime.settings.retry
-                command = plan_run(
-                    command,
-                    max_attempts=retry.max_attempts,
-                    backoff=BackoffPolicy.model_validate(retry.backoff.model_dump()),
-                    continue_on=_ledger_queue(runtime, queue) if budget else None,
-                )
-            outcome = runtime.ledger.apply(command)
+                try:
+                    command = plan_run(
+                        command,
+                        max_attempts=retry.max_attempts,
+                        backoff=BackoffPolicy.model_validate(retry.backoff.model_dump()),
+                        continue_on=_ledger_queue(runtime, queue) if budget else None,
+                        fence=fence,
+                    )
+                except UnknownWorkflow as exc:
+                    outcome = runtime.ledger.record_drop(command, "unknown_entity", str(exc))
+                    return _finish(outcome, job)
+            outcome = runner.apply(command, rearm=rearm)
             runtime.dispatcher.push(outcome.followups)
-            if outcome.continued:
-                outcome = runtime.runner.run_started(
-                    command.run_id, outcome, continue_for=budget, on_continue=rearm
+            if outcome.continued or outcome.owner:
+                outcome = runner.run_started(
+                    command.run_id, outcome, fence=fence, continue_for=budget, on_continue=rearm
                 )
-    except ConcurrencyKeyTaken as exc:
-        # The ledger recorded the refusal; a retried job would only be refused again.
+    except (ConcurrencyKeyTaken, ConcurrencyLimitConflict) as exc:
+        # Recorded as a transient key_taken drop; the same launch may apply once the key frees.
         log.info("dropped %s: %s", command.describe(), exc)
-        return f"dropped invalid_transition: {exc}"
+        if job is not None:
+            job.result_ttl = 0
+        return f"dropped key_taken: {exc}"
+    return _finish(outcome, job)
+
+
+def _finish(outcome: Outcome, job: Job | None) -> str:
     summary = outcome.summary()
     if outcome.dropped:
-        log.info("%s: %s", command.describe(), summary)
+        log.info("%s", summary)
+        if outcome.transient and job is not None:
+            job.result_ttl = 0
     return summary
 
 

@@ -80,7 +80,11 @@ def build_runtime(
         min_size=pool_min_size,
         max_size=settings.pool_size,
     )
-    ledger = Ledger(pool, lease_seconds=settings.lease_seconds)
+    ledger = Ledger(
+        pool,
+        lease_seconds=settings.lease_seconds,
+        outbox_grace_seconds=settings.outbox_grace_seconds,
+    )
     dispatcher = Dispatcher(redis_client, settings, pool)
     runner = StepRunner(ledger, dispatcher.push, heartbeat_interval=settings.heartbeat_interval)
     return Runtime(

@@ -42,19 +42,16 @@ hostile bytes out of RQ's failed registry, where a pickle-configured RQ tool mig
 them; the ledger keeps the raw payload for inspection. A job hash RQ cannot even load (a
 corrupt status or date) is treated the same way instead of stopping the worker.
 
-The sweep
----------
-Each worker attempts `executor.recovery.sweep.sweep` every `sweep_interval` from its main
-loop (RQ's maintenance hook), and the sweep takes a Postgres advisory lock so one worker at a
-time does the work. The dequeue wait is shortened to the sweep interval so an idle worker
-still sweeps on time; a worker busy in a long step skips sweeps, and any other worker covers.
+The leader
+----------
+Each worker process runs a `Leader` thread (executor.recovery.leader): the one process that
+holds a Postgres advisory lock fires due timers several times a second and runs the relay
+and reaper every `sweep_interval`; the others stand by to take over when it dies.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -67,6 +64,7 @@ from rq.worker import BaseWorker, SimpleWorker, Worker
 
 from executor.commands.models import COMMAND_TYPES
 from executor.errors import ConfigurationError, InvalidCommand
+from executor.recovery.leader import Leader
 from executor.transport import jobs
 from executor.transport.dispatch import DELIVER
 from executor.transport.jobs import decode
@@ -151,7 +149,7 @@ class _ExecutorWorkerMixin(_Base):
         # Set before RQ's __init__, which already reads dequeue_timeout.
         self.executor_settings = settings
         self.database_url = database_url
-        self._next_sweep = 0.0
+        self.leader: Leader | None = None
         kwargs["serializer"] = JSONCommandSerializer
         super().__init__(queues, *args, **kwargs)
 
@@ -161,18 +159,18 @@ class _ExecutorWorkerMixin(_Base):
         """Build the runtime (pool, ledger, workflows) before registering: fail fast on config."""
         if self.executor_settings is None:
             self.executor_settings = load_settings()
-        configure_runtime(
+        runtime = configure_runtime(
             self.executor_settings, database_url=self.database_url, redis_client=self.connection
         )
         _ensure_logging()
         super().bootstrap(*args, **kwargs)
+        self.leader = Leader(runtime, runtime.database_url)
+        self.leader.start()
 
-    @property
-    def dequeue_timeout(self) -> int:
-        base = max(1, self.worker_ttl - 15)
-        if self.executor_settings is None:
-            return base
-        return max(1, min(base, math.ceil(self.executor_settings.sweep_interval)))
+    def teardown(self) -> None:
+        if self.leader is not None:
+            self.leader.stop()
+        super().teardown()  # type: ignore[no-untyped-call]
 
     # --- screening ---------------------------------------------------------------------------
 
@@ -230,35 +228,6 @@ class _ExecutorWorkerMixin(_Base):
             pipe.lrem(queue.key, 0, job_id)
             pipe.lrem(queue.intermediate_queue_key, 0, job_id)
             pipe.execute()
-
-    # --- the sweep ---------------------------------------------------------------------------
-
-    @property
-    def should_run_maintenance_tasks(self) -> bool:
-        return bool(super().should_run_maintenance_tasks) or self._sweep_due()
-
-    def run_maintenance_tasks(self) -> None:
-        if super().should_run_maintenance_tasks:
-            super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
-        if self._sweep_due():
-            self.run_sweep()
-
-    def _sweep_due(self) -> bool:
-        return self.executor_settings is not None and time.monotonic() >= self._next_sweep
-
-    def run_sweep(self) -> None:
-        """One sweep attempt; never raises, so a database outage cannot stop the worker."""
-        from executor.recovery.sweep import sweep
-
-        assert self.executor_settings is not None
-        try:
-            report = sweep(get_runtime())
-            if report.did_work:
-                self.log.info("Worker %s: %s", self.name, report)
-        except Exception as exc:
-            self.log.warning("Worker %s: sweep failed (%s); trying again later", self.name, exc)
-        finally:
-            self._next_sweep = time.monotonic() + self.executor_settings.sweep_interval
 
 
 class ExecutorWorker(_ExecutorWorkerMixin, SimpleWorker):

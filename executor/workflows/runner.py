@@ -1,10 +1,18 @@
 """The step runner: start an attempt through the handler, run it, record how it ended.
 
-The start is applied before any user code runs. If the handler drops it (a duplicate job, a
-stale attempt, a cancelled run) the function never runs, so at-least-once delivery turns
-into at-most-once execution per attempt. While the function runs, a heartbeat thread
-extends the lease, fenced by the attempt number: if the reaper has already given the step
-to a newer attempt, the heartbeat learns it and `ctx.heartbeat()` raises LeaseLost.
+The start is applied before any user code runs, under the *fence* of this delivery (a token
+the worker draws per job). If the handler drops it (a duplicate job, a stale attempt, a
+cancelled run) the function never runs, so at-least-once delivery turns into at-most-once
+execution per attempt. While the function runs, a heartbeat thread extends the lease,
+fenced by attempt and token: if the attempt was given to someone else, the heartbeat
+learns it and `ctx.heartbeat()` raises LeaseLost.
+
+Uncertain commits. A command whose COMMIT reached Postgres but whose answer did not (the
+connection dropped, Postgres restarted, the job's timeout fired during COMMIT) is sent again
+on a fresh connection until it gets an answer. Its key is recorded, so the second try is a
+`duplicate`; if the first try started a step under our fence, the handler says we own it
+(`Outcome.owner`) and hands it back, and we run it. No attempt is lost or charged because an
+answer was.
 """
 
 from __future__ import annotations
@@ -20,17 +28,29 @@ from types import TracebackType
 
 import psycopg
 
-from executor.commands.models import BackoffPolicy, CompleteStep, FailStep, StartRun, StartStep
-from executor.errors import LeaseLost, StepTimeout, UnknownWorkflow
+from executor.commands.models import (
+    BackoffPolicy,
+    Command,
+    CompleteStep,
+    FailStep,
+    StartRun,
+    StartStep,
+    SuspendStep,
+)
+from executor.errors import LeaseLost, LedgerBusy, StepTimeout, UnknownWorkflow
 from executor.ledger.handler import Ledger
 from executor.ledger.outcome import OutboxItem, Outcome
 from executor.ledger.outcome import StepContext as StepContextInfo
-from executor.workflows.definition import FatalError, StepContext
+from executor.workflows.definition import FatalError, StepContext, StepDefinition, Suspension
 from executor.workflows.registry import get_workflow
 
 log = logging.getLogger("executor.runner")
 
 Push = Callable[[Sequence[OutboxItem]], None]
+Outcome_ = CompleteStep | FailStep | SuspendStep
+
+# Interruptions after which we cannot know whether the COMMIT went through.
+_UNCERTAIN = (psycopg.OperationalError, psycopg.InterfaceError, StepTimeout, LedgerBusy)
 
 
 def plan_run(
@@ -39,6 +59,7 @@ def plan_run(
     max_attempts: int = 3,
     backoff: BackoffPolicy | None = None,
     continue_on: str | None = None,
+    fence: str | None = None,
 ) -> StartRun:
     """Fill a start_run job's step graph from the workflow registered in this process.
 
@@ -54,6 +75,7 @@ def plan_run(
         steps=wf.specs(max_attempts=max_attempts, backoff=backoff),
         idempotency_key=command.idempotency_key,
         continue_on=continue_on,
+        fence=fence,
     )
 
 
@@ -91,26 +113,53 @@ class StepRunner:
         self.push = push
         self.heartbeat_interval = heartbeat_interval
 
+    def apply(self, command: Command, *, rearm: Callable[[], None] | None = None) -> Outcome:
+        """Apply `command` and learn its outcome, however long the answer takes.
+
+        Retries on a fresh connection for up to a lease after an interruption that may have
+        hidden a commit (`_UNCERTAIN`); `rearm` re-arms the job's timeout first when that
+        interruption was the timeout itself.
+        """
+        deadline = time.monotonic() + self.ledger.lease_seconds
+        delay = 0.05
+        while True:
+            try:
+                return self.ledger.apply(command)
+            except _UNCERTAIN as exc:
+                if isinstance(exc, StepTimeout) and rearm is not None:
+                    rearm()
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning(
+                    "no answer for %s (%s); asking again in %.2fs",
+                    command.describe(),
+                    type(exc).__name__,
+                    delay,
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     def run(
         self,
         command: StartStep,
         *,
+        fence: str,
         continue_for: float = 0.0,
         on_continue: Callable[[], None] | None = None,
     ) -> Outcome:
-        """Run the attempt `command` starts, then, for up to `continue_for` seconds, the
-        dependants its completions start in place.
+        """Start the attempt `command` names under `fence`, run it, and then, for up to
+        `continue_for` seconds, the dependants its completions start in place.
 
         A completion may start one ready dependant routed to the same queue in its own
         transaction (see CompleteStep.continue_on); this loop runs it without a trip through
         Redis. The budget keeps the whole chain inside the job timeout RQ armed for the job.
         """
-        outcome = self.ledger.apply(command)
-        if not outcome.applied:
+        outcome = self.apply(command.model_copy(update={"fence": fence}), rearm=on_continue)
+        if not (outcome.applied or outcome.owner):
             log.info("not running %s: %s (%s)", command.describe(), outcome.reason, outcome.detail)
             return outcome
         return self.run_started(
-            command.run_id, outcome, continue_for=continue_for, on_continue=on_continue
+            command.run_id, outcome, fence=fence, continue_for=continue_for, on_continue=on_continue
         )
 
     def run_started(
@@ -118,6 +167,7 @@ class StepRunner:
         run_id: str,
         outcome: Outcome,
         *,
+        fence: str,
         continue_for: float = 0.0,
         on_continue: Callable[[], None] | None = None,
     ) -> Outcome:
@@ -132,93 +182,73 @@ class StepRunner:
         while info is not None:
             if last is not outcome and on_continue is not None:
                 on_continue()
-            ids = _Ids(run_id, info.step_key, info.attempt)
             may_continue = (
                 info.queue if info.timeout_seconds is None and time.monotonic() < deadline else None
             )
-            final = self._attempt(ids, info, may_continue)
+            final = self._attempt(run_id, info, fence, may_continue)
             if final is None:
                 return last
-            ended, ambiguous = self._record(final)
+            ended = self.apply(final, rearm=on_continue)
             last = ended
             if ended.applied:
                 self.push(ended.followups)
                 info = ended.step_context if ended.continued else None
-            elif ambiguous and ended.reason == "duplicate":
-                # Our first try committed but its answer was lost. If that commit started a
-                # step for us to run in place, nobody else will run it: find it and go on.
-                info = self.ledger.started_by(run_id, final.idempotency_key)
+            elif ended.owner:
+                # Our first try committed unseen and started a step for us to run in place.
+                info = ended.step_context
             else:
-                log.warning(
-                    "result of %s dropped: %s (%s)", final.describe(), ended.reason, ended.detail
-                )
+                if ended.reason != "duplicate":
+                    log.warning(
+                        "result of %s dropped: %s (%s)",
+                        final.describe(),
+                        ended.reason,
+                        ended.detail,
+                    )
                 return ended
         return last
 
     def _attempt(
-        self, ids: _Ids, info: StepContextInfo, continue_on: str | None
-    ) -> CompleteStep | FailStep | None:
+        self, run_id: str, info: StepContextInfo, fence: str, continue_on: str | None
+    ) -> Outcome_ | None:
         """Run one started attempt under a heartbeat; None if its lease was taken over."""
+        ids = _Ids(run_id, info.step_key, info.attempt, fence)
 
         def beat() -> bool:
-            return self.ledger.extend_lease(ids.run_id, ids.step_key, ids.attempt) is not None
+            return self.ledger.extend_lease(run_id, info.step_key, info.attempt, fence) is not None
 
         ctx = StepContext(
-            run_id=ids.run_id,
-            step_key=ids.step_key,
-            attempt=ids.attempt,
+            run_id=run_id,
+            step_key=info.step_key,
+            attempt=info.attempt,
             max_attempts=info.max_attempts,
             input=info.run_input,
             upstream=info.upstream,
             workflow=info.workflow,
+            item=info.item,
+            index=info.item_index,
             _beat=beat,
         )
         with _Heartbeat(beat, self.heartbeat_interval, ctx._lost):
             try:
-                return self._call(ids, ctx, continue_on)
+                return self._call(ids, info, ctx, continue_on)
             except LeaseLost:
                 log.warning(
                     "%s/%s attempt %d lost its lease; its result is discarded",
-                    ids.run_id,
-                    ids.step_key,
-                    ids.attempt,
+                    run_id,
+                    info.step_key,
+                    info.attempt,
                 )
                 return None
 
-    def _record(self, final: CompleteStep | FailStep) -> tuple[Outcome, bool]:
-        """Apply the result, riding out a database restart for as long as the lease lasts.
-
-        Returns the outcome and whether an earlier try may have committed unseen: such a
-        commit comes back as a duplicate, and its follow-ups are pushed by the relay.
-        """
-        deadline = time.monotonic() + self.ledger.lease_seconds
-        delay = 0.1
-        ambiguous = False
-        while True:
-            try:
-                return self.ledger.apply(final), ambiguous
-            except psycopg.OperationalError:
-                ambiguous = True
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.warning("could not record %s; retrying in %.1fs", final.describe(), delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
     def _call(
-        self, ids: _Ids, ctx: StepContext, continue_on: str | None
-    ) -> CompleteStep | FailStep:
+        self, ids: _Ids, info: StepContextInfo, ctx: StepContext, continue_on: str | None
+    ) -> Outcome_:
         try:
-            wf = get_workflow(ctx.workflow)
+            step = _definition(ctx.workflow, info.parent_step or info.step_key)
         except UnknownWorkflow as exc:
             return ids.fail(str(exc), "UnknownWorkflow", retryable=True)
-        step = wf.steps.get(ids.step_key)
-        if step is None:
-            return ids.fail(
-                f"workflow {wf.name!r} has no step {ids.step_key!r} in this worker",
-                "UnknownStep",
-                retryable=False,
-            )
+        except LookupError as exc:
+            return ids.fail(str(exc), "UnknownStep", retryable=False)
         try:
             output = step.fn(ctx)
         except LeaseLost:
@@ -232,18 +262,36 @@ class StepRunner:
         if ctx.lease_lost:
             raise LeaseLost("lease lost before completion")
         try:
+            if isinstance(output, Suspension):
+                return SuspendStep(
+                    run_id=ids.run_id,
+                    step_key=ids.step_key,
+                    attempt=ids.attempt,
+                    fence=ids.fence,
+                    until=output.until,
+                )
             json.dumps(output, allow_nan=False)
             return CompleteStep(
                 run_id=ids.run_id,
                 step_key=ids.step_key,
                 attempt=ids.attempt,
+                fence=ids.fence,
                 output=output,
                 continue_on=continue_on,
             )
         except (TypeError, ValueError) as exc:
-            # Not JSON the ledger can store (a tuple, int keys, NaN, a NUL character): retrying
-            # cannot fix that, so say so once instead of max_attempts times.
+            # Not JSON the ledger can store (a tuple, int keys, NaN, a NUL character), or a
+            # wait it cannot keep (a naive datetime): retrying cannot fix that, so say so once
+            # instead of max_attempts times.
             return _failure(ids, exc, retryable=False)
+
+
+def _definition(workflow: str, step_key: str) -> StepDefinition:
+    wf = get_workflow(workflow)
+    step = wf.steps.get(step_key)
+    if step is None:
+        raise LookupError(f"workflow {wf.name!r} has no step {step_key!r} in this worker")
+    return step
 
 
 @dataclass(frozen=True)
@@ -251,6 +299,7 @@ class _Ids:
     run_id: str
     step_key: str
     attempt: int
+    fence: str
 
     def fail(
         self, error: str, error_type: str, *, retryable: bool, tb: str | None = None
@@ -259,6 +308,7 @@ class _Ids:
             run_id=self.run_id,
             step_key=self.step_key,
             attempt=self.attempt,
+            fence=self.fence,
             error=_storable(error)[:10_000],
             error_type=_storable(error_type)[:500],
             traceback=None if tb is None else _storable(tb),

@@ -81,7 +81,11 @@ class Seeder:
         self.start(run_id, step_key, attempt)
         out = self.ledger.apply(
             CompleteStep(
-                run_id=run_id, step_key=step_key, attempt=attempt, output=output or {"ok": True}
+                fence="f",
+                run_id=run_id,
+                step_key=step_key,
+                attempt=attempt,
+                output=output or {"ok": True},
             )
         )
         assert out.applied, out
@@ -97,6 +101,7 @@ class Seeder:
         self.start(run_id, step_key, attempt)
         out = self.ledger.apply(
             FailStep(
+                fence="f",
                 run_id=run_id,
                 step_key=step_key,
                 attempt=attempt,

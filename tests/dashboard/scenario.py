@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from executor.commands.models import (
+    BackoffPolicy,
     CompleteStep,
     DispatchStep,
     FailStep,
@@ -21,7 +22,12 @@ from .conftest import Seeder
 ORDER_STEPS = (
     StepSpec(step_key="validate", max_attempts=1),
     StepSpec(step_key="reserve_stock", depends_on=("validate",), max_attempts=3),
-    StepSpec(step_key="charge_card", depends_on=("validate",), max_attempts=3),
+    StepSpec(
+        step_key="charge_card",
+        depends_on=("validate",),
+        max_attempts=3,
+        backoff=BackoffPolicy(initial=0, jitter=False),  # the retry below is due at once
+    ),
     StepSpec(step_key="ship", depends_on=("reserve_stock", "charge_card"), max_attempts=1),
     StepSpec(step_key="notify", depends_on=("ship",), max_attempts=2),
 )
@@ -59,6 +65,7 @@ def _fail(seed: Seeder, run_id: str, step: str, attempt: int, error: str, tb: st
     seed.start(run_id, step, attempt)
     out = seed.ledger.apply(
         FailStep(
+            fence="f",
             run_id=run_id,
             step_key=step,
             attempt=attempt,
@@ -96,6 +103,7 @@ def populate(seed: Seeder, prefix: str = "") -> Scenario:
     seed.start(failed_order, "charge_card", 1)
     seed.ledger.apply(
         FailStep(
+            fence="f",
             run_id=failed_order,
             step_key="charge_card",
             attempt=1,
@@ -108,6 +116,7 @@ def populate(seed: Seeder, prefix: str = "") -> Scenario:
     # The first attempt's worker comes back late: dropped as stale, never appended.
     seed.ledger.apply(
         CompleteStep(
+            fence="f",
             run_id=failed_order,
             step_key="charge_card",
             attempt=1,

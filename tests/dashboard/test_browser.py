@@ -222,7 +222,9 @@ def test_retry_a_failed_step_in_the_browser_and_watch_it_complete(
     # A worker runs the new attempt (here: the same commands a worker would send).
     assert seed.ledger.apply(StartStep(run_id=run_id, step_key="charge_card", attempt=3)).applied
     assert seed.ledger.apply(
-        CompleteStep(run_id=run_id, step_key="charge_card", attempt=3, output={"charged": 129.5})
+        CompleteStep(
+            fence="f", run_id=run_id, step_key="charge_card", attempt=3, output={"charged": 129.5}
+        )
     ).applied
     # The page notices by itself: live refresh, no reload.
     page.wait_for_selector("#step-charge_card .badge:text-is('completed')", timeout=15_000)

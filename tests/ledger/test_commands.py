@@ -14,7 +14,10 @@ from pydantic import ValidationError
 from executor.commands.machine import Drop, Transition, decide
 from executor.commands.models import (
     COMMAND_TYPES,
+    AwaitChild,
+    AwaitEvent,
     CancelRun,
+    ChildFinished,
     Command,
     CompleteStep,
     CreateRun,
@@ -24,17 +27,25 @@ from executor.commands.models import (
     PauseRun,
     ResumeRun,
     RetryStep,
+    SendEvent,
+    Sleep,
     StartRun,
     StartStep,
     StepSpec,
+    SuspendStep,
+    WakeStep,
     dump,
     parse,
     parse_obj,
 )
 from executor.commands.state import DROP_REASONS, RunRow, StepRow
+from executor.commands.transition import KeyState
 from executor.errors import InvalidCommand
 
+from .memsource import MemorySource, prepare
+
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+F = "fence-1"  # the delivery that owns every running attempt in these tests
 LEASE = 30.0
 NO_WAIT = {"initial": 0.0, "multiplier": 2.0, "cap": 0.0, "jitter": False}
 
@@ -49,10 +60,19 @@ def _rejects(raw: str | bytes) -> str:
 
 
 SYSTEM_COMMANDS: list[Command] = [
+    SuspendStep(fence="f", run_id="r1", step_key="s", attempt=1, until=Sleep(seconds=5)),
+    SuspendStep(
+        fence="f", run_id="r1", step_key="s", attempt=1, until=AwaitEvent(event="approved")
+    ),
+    SuspendStep(
+        fence="f", run_id="r1", step_key="s", attempt=1, until=AwaitChild(workflow="w", input=1)
+    ),
+    WakeStep(run_id="r1", step_key="s[3]", attempt=1),
+    ChildFinished(run_id="r1", step_key="s", attempt=1, child_run_id="c", status="completed"),
     DispatchStep(run_id="r1", step_key="s", attempt=2),
     StartStep(run_id="r1", step_key="s", attempt=1),
-    CompleteStep(run_id="r1", step_key="s", attempt=1, output={"n": [1, 2]}),
-    FailStep(run_id="r1", step_key="s", attempt=1, error="boom", retryable=False),
+    CompleteStep(fence=F, run_id="r1", step_key="s", attempt=1, output={"n": [1, 2]}),
+    FailStep(fence=F, run_id="r1", step_key="s", attempt=1, error="boom", retryable=False),
     ExpireLease(run_id="r1", step_key="s", attempt=1, observed_lease="2030-01-01T12:00:00+00:00"),
 ]
 EXTERNAL_COMMANDS: list[Command] = [
@@ -61,6 +81,7 @@ EXTERNAL_COMMANDS: list[Command] = [
     CancelRun(run_id="r1", reason="no longer needed", idempotency_key="cancel-1"),
     PauseRun(run_id="r1", idempotency_key="pause-1"),
     ResumeRun(run_id="r1", idempotency_key="resume-1"),
+    SendEvent(run_id="r1", event="approved", payload={"by": "ann"}, idempotency_key="e-1"),
 ]
 
 
@@ -198,11 +219,11 @@ def test_system_commands_get_deterministic_keys() -> None:
         "dispatch_step:r1:s:2"
     )
     assert StartStep(run_id="r1", step_key="s", attempt=1).idempotency_key == "start_step:r1:s:1"
-    assert CompleteStep(run_id="r1", step_key="s", attempt=3).idempotency_key == (
-        "complete_step:r1:s:3"
+    assert CompleteStep(fence=F, run_id="r1", step_key="s", attempt=3).idempotency_key == (
+        f"complete_step:r1:s:3:{F}"
     )
-    fail = FailStep(run_id="r1", step_key="s", attempt=1, error="x")
-    assert fail.idempotency_key == "fail_step:r1:s:1"
+    fail = FailStep(fence=F, run_id="r1", step_key="s", attempt=1, error="x")
+    assert fail.idempotency_key == f"fail_step:r1:s:1:{F}"
     expire = ExpireLease(run_id="r1", step_key="s", attempt=1, observed_lease="T1")
     assert expire.idempotency_key == "expire_lease:r1:s:1:T1"
     later = ExpireLease(run_id="r1", step_key="s", attempt=1, observed_lease="T2")
@@ -210,9 +231,9 @@ def test_system_commands_get_deterministic_keys() -> None:
 
 
 def test_redelivered_system_commands_carry_the_same_key() -> None:
-    raw = '{"type": "complete_step", "run_id": "r1", "step_key": "s", "attempt": 1}'
+    raw = '{"type": "complete_step", "run_id": "r1", "step_key": "s", "attempt": 1, "fence": "f"}'
     first, second = parse(raw), parse(raw)
-    assert first.idempotency_key == second.idempotency_key == "complete_step:r1:s:1"
+    assert first.idempotency_key == second.idempotency_key == "complete_step:r1:s:1:f"
     # A different output is still the same delivery of the same attempt's outcome.
     other = parse(raw[:-1] + ', "output": 5}')
     assert other.idempotency_key == first.idempotency_key
@@ -272,6 +293,7 @@ def step_row(
     lease: datetime | None = None,
     next_at: datetime | None = None,
     output: Any = None,
+    fence: str | None = F,
 ) -> StepRow:
     return StepRow(
         step_key=key,
@@ -285,6 +307,7 @@ def step_row(
         output=output,
         lease_expires_at=lease,
         next_attempt_at=next_at,
+        fence=fence,
     )
 
 
@@ -292,8 +315,12 @@ def steps_of(*rows: StepRow) -> dict[str, StepRow]:
     return {r.step_key: r for r in rows}
 
 
+HELD = {"held": KeyState("held", 1, {0: "r0"}, 0)}  # a concurrency key run r0 holds
+
+
 def go(command: Command, run: RunRow | None, steps: dict[str, StepRow]) -> Transition:
-    return decide(command, run, steps, NOW, LEASE)
+    prepare(run, steps)
+    return decide(command, run, steps, NOW, LEASE, MemorySource(steps, keys=dict(HELD)))
 
 
 def kinds(t: Transition) -> list[tuple[str, str | None, int | None]]:
@@ -369,10 +396,10 @@ def test_complete_step_dispatches_a_join_only_when_all_upstream_completed() -> N
         step_row("b", "running", 1),
         step_row("j", depends_on=("a", "b")),
     )
-    t = go(CompleteStep(run_id="r1", step_key="a", attempt=1, output=1), run_row(), steps)
+    t = go(CompleteStep(fence=F, run_id="r1", step_key="a", attempt=1, output=1), run_row(), steps)
     assert kinds(t) == [("step_completed", "a", 1)]
     assert t.steps["j"].status == "pending"
-    t = go(CompleteStep(run_id="r1", step_key="b", attempt=1, output=2), t.run, t.steps)
+    t = go(CompleteStep(fence=F, run_id="r1", step_key="b", attempt=1, output=2), t.run, t.steps)
     assert kinds(t) == [("step_completed", "b", 1), ("step_queued", "j", 1)]
     assert followup_keys(t) == ["start_step:r1:j:1"]
 
@@ -383,7 +410,8 @@ def test_completing_the_last_step_completes_the_run_with_the_sinks_outputs() -> 
         step_row("b", "completed", 2, depends_on=("a",), output="B"),
         step_row("c", "running", 1, depends_on=("a",)),
     )
-    t = go(CompleteStep(run_id="r1", step_key="c", attempt=1, output="C"), run_row(), steps)
+    command = CompleteStep(fence=F, run_id="r1", step_key="c", attempt=1, output="C")
+    t = go(command, run_row(), steps)
     assert kinds(t) == [("step_completed", "c", 1), ("run_completed", None, None)]
     assert t.run.status == "completed"
     assert t.run.output == {"b": "B", "c": "C"}
@@ -392,7 +420,7 @@ def test_completing_the_last_step_completes_the_run_with_the_sinks_outputs() -> 
 
 def test_completion_while_paused_dispatches_nothing_until_resume() -> None:
     steps = steps_of(step_row("a", "running", 1), step_row("b", depends_on=("a",)))
-    t = go(CompleteStep(run_id="r1", step_key="a", attempt=1), run_row("paused"), steps)
+    t = go(CompleteStep(fence=F, run_id="r1", step_key="a", attempt=1), run_row("paused"), steps)
     assert kinds(t) == [("step_completed", "a", 1)]
     assert t.steps["b"].status == "pending"
     t = go(ResumeRun(run_id="r1", idempotency_key="res"), t.run, t.steps)
@@ -401,7 +429,7 @@ def test_completion_while_paused_dispatches_nothing_until_resume() -> None:
 
 def test_retryable_failure_with_budget_left_retries() -> None:
     steps = steps_of(step_row("a", "running", 1, max_attempts=2, lease=NOW))
-    t = go(FailStep(run_id="r1", step_key="a", attempt=1, error="flaky"), run_row(), steps)
+    t = go(FailStep(fence=F, run_id="r1", step_key="a", attempt=1, error="flaky"), run_row(), steps)
     assert kinds(t) == [("step_retrying", "a", 1)]
     step = t.steps["a"]
     assert step.status == "retrying"
@@ -416,7 +444,7 @@ def test_retryable_failure_with_budget_left_retries() -> None:
 
 def test_failure_at_the_last_attempt_fails_the_step_and_the_run() -> None:
     steps = steps_of(step_row("a", "running", 2, max_attempts=2), step_row("b", depends_on=("a",)))
-    t = go(FailStep(run_id="r1", step_key="a", attempt=2, error="still"), run_row(), steps)
+    t = go(FailStep(fence=F, run_id="r1", step_key="a", attempt=2, error="still"), run_row(), steps)
     assert kinds(t) == [("step_failed", "a", 2), ("run_failed", None, None)]
     assert t.run.status == "failed"
     assert t.run.error == {"message": "step a failed", "step_key": "a"}
@@ -426,17 +454,17 @@ def test_failure_at_the_last_attempt_fails_the_step_and_the_run() -> None:
 
 def test_non_retryable_failure_fails_at_once() -> None:
     steps = steps_of(step_row("a", "running", 1, max_attempts=3))
-    command = FailStep(run_id="r1", step_key="a", attempt=1, error="bad", retryable=False)
+    command = FailStep(fence=F, run_id="r1", step_key="a", attempt=1, error="bad", retryable=False)
     t = go(command, run_row(), steps)
     assert kinds(t) == [("step_failed", "a", 1), ("run_failed", None, None)]
 
 
 def test_run_fails_only_once_nothing_is_in_flight() -> None:
     steps = steps_of(step_row("a", "running", 1, max_attempts=1), step_row("b", "running", 1))
-    t = go(FailStep(run_id="r1", step_key="a", attempt=1, error="x"), run_row(), steps)
+    t = go(FailStep(fence=F, run_id="r1", step_key="a", attempt=1, error="x"), run_row(), steps)
     assert kinds(t) == [("step_failed", "a", 1)]
     assert t.run.status == "running"
-    t = go(CompleteStep(run_id="r1", step_key="b", attempt=1), t.run, t.steps)
+    t = go(CompleteStep(fence=F, run_id="r1", step_key="b", attempt=1), t.run, t.steps)
     assert kinds(t) == [("step_completed", "b", 1), ("run_failed", None, None)]
 
 
@@ -526,7 +554,6 @@ def test_manual_retry_reopens_a_failed_run() -> None:
     )
     command = RetryStep(run_id="r1", step_key="b", requested_by="ops", idempotency_key="k")
     t = go(command, run_row("failed"), steps)
-    assert t.reopened
     assert kinds(t) == [("run_resumed", None, None), ("step_queued", "b", 4)]
     assert t.events[0].payload == {"reason": "manual_retry", "step_key": "b"}
     assert t.events[1].payload == {"manual": True, "requested_by": "ops"}
@@ -538,13 +565,12 @@ def test_manual_retry_reopens_a_failed_run() -> None:
 def test_manual_retry_in_a_running_run_does_not_reopen() -> None:
     steps = steps_of(step_row("a", "failed", 1), step_row("b", "running", 1))
     t = go(RetryStep(run_id="r1", step_key="a", idempotency_key="k"), run_row(), steps)
-    assert not t.reopened
     assert kinds(t) == [("step_queued", "a", 2)]
 
 
 def test_decide_is_pure_and_deterministic() -> None:
     steps = steps_of(step_row("a", "running", 1), step_row("b", depends_on=("a",)))
-    command = CompleteStep(run_id="r1", step_key="a", attempt=1, output={"v": 1})
+    command = CompleteStep(fence=F, run_id="r1", step_key="a", attempt=1, output={"v": 1})
     run = run_row()
     first = go(command, copy.deepcopy(run), copy.deepcopy(steps))
     second = go(command, copy.deepcopy(run), copy.deepcopy(steps))
@@ -682,7 +708,7 @@ DROP_CASES: list[Case] = [
     ),
     (
         "complete-stale-attempt",
-        CompleteStep(run_id="r1", step_key="a", attempt=1),
+        CompleteStep(fence=F, run_id="r1", step_key="a", attempt=1),
         run_row,
         lambda: steps_of(step_row("a", "running", 2)),
         "stale_attempt",
@@ -690,7 +716,7 @@ DROP_CASES: list[Case] = [
     ),
     (
         "complete-after-terminal",
-        CompleteStep(run_id="r1", step_key="a", attempt=1),
+        CompleteStep(fence=F, run_id="r1", step_key="a", attempt=1),
         run_row,
         lambda: steps_of(step_row("a", "failed", 1)),
         "terminal",
@@ -698,7 +724,7 @@ DROP_CASES: list[Case] = [
     ),
     (
         "complete-queued",
-        CompleteStep(run_id="r1", step_key="a", attempt=1),
+        CompleteStep(fence=F, run_id="r1", step_key="a", attempt=1),
         run_row,
         lambda: steps_of(step_row("a", "queued", 1)),
         "invalid_transition",
@@ -706,7 +732,7 @@ DROP_CASES: list[Case] = [
     ),
     (
         "fail-retrying",
-        FailStep(run_id="r1", step_key="a", attempt=1, error="x"),
+        FailStep(fence=F, run_id="r1", step_key="a", attempt=1, error="x"),
         run_row,
         lambda: steps_of(step_row("a", "retrying", 1)),
         "stale_attempt",
@@ -757,8 +783,24 @@ DROP_CASES: list[Case] = [
         DispatchStep(run_id="r1", step_key="a", attempt=2),
         lambda: run_row("paused"),
         lambda: steps_of(step_row("a", "retrying", 1)),
-        "invalid_transition",
+        "paused",
         "run is paused",
+    ),
+    (
+        "dispatch-before-its-backoff-ends",
+        DispatchStep(run_id="r1", step_key="a", attempt=2),
+        run_row,
+        lambda: steps_of(step_row("a", "retrying", 1, next_at=NOW + timedelta(seconds=5))),
+        "not_due",
+        "(database clock)",
+    ),
+    (
+        "launch-on-a-held-key",
+        CreateRun(run_id="r2", workflow="wf", concurrency_key="held", idempotency_key="c2"),
+        lambda: None,
+        dict,
+        "key_taken",
+        "is held by run r0",
     ),
     (
         "dispatch-after-a-failure",
@@ -877,4 +919,5 @@ def test_drops(
 
 
 def test_every_drop_reason_decide_can_give_is_exercised() -> None:
-    assert {case[4] for case in DROP_CASES} == set(DROP_REASONS) - {"duplicate"}
+    # duplicate and busy are the handler's, not the state machine's
+    assert {case[4] for case in DROP_CASES} == set(DROP_REASONS) - {"duplicate", "busy"}

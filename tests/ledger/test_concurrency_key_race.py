@@ -65,7 +65,7 @@ def start(ledger: Ledger, run_id: str, max_attempts: int = 1) -> None:
 
 def complete(ledger: Ledger, run_id: str) -> None:
     start(ledger, run_id)
-    outcome = ledger.apply(CompleteStep(run_id=run_id, step_key="work", attempt=1))
+    outcome = ledger.apply(CompleteStep(fence="f", run_id=run_id, step_key="work", attempt=1))
     assert outcome.run_status == "completed", outcome.summary()
 
 
@@ -77,7 +77,9 @@ def cancel(ledger: Ledger, run_id: str) -> None:
 def fail(ledger: Ledger, run_id: str) -> None:
     start(ledger, run_id)
     outcome = ledger.apply(
-        FailStep(run_id=run_id, step_key="work", attempt=1, error="boom", retryable=False)
+        FailStep(
+            fence="f", run_id=run_id, step_key="work", attempt=1, error="boom", retryable=False
+        )
     )
     assert outcome.run_status == "failed", outcome.summary()
 
@@ -152,7 +154,7 @@ def test_exactly_one_of_sixteen_simultaneous_launches_wins(
         runs = conn.execute("SELECT count(*) AS n FROM executor.runs").fetchone()
         refusals = conn.execute(
             "SELECT count(*) AS n FROM executor.drops "
-            "WHERE reason = 'invalid_transition' AND command_type = 'create_run' "
+            "WHERE reason = 'key_taken' AND command_type = 'create_run' "
             "AND detail LIKE 'concurrency key%%'"
         ).fetchone()
         receipts = conn.execute(
@@ -161,10 +163,8 @@ def test_exactly_one_of_sixteen_simultaneous_launches_wins(
         ).fetchall()
     assert runs == {"n": ROUNDS}
     assert refusals == {"n": ROUNDS * (THREADS - 1)}
-    assert receipts == [
-        {"outcome": "applied", "n": ROUNDS},
-        {"outcome": "invalid_transition", "n": ROUNDS * (THREADS - 1)},
-    ]
+    # A refusal for a held key is transient: recorded as a drop, no receipt, key reusable.
+    assert receipts == [{"outcome": "applied", "n": ROUNDS}]
     assert_verified(pool)
 
 
@@ -174,12 +174,20 @@ def test_a_pending_run_holds_the_key(pool: Pool) -> None:
     with pytest.raises(ConcurrencyKeyTaken) as info:
         ledger.apply(create("second"))
     assert info.value.holder_run_id == "first"
-    # The refused launch is recorded; delivering it again is a duplicate, not a second launch.
-    again = ledger.apply(create("second"))
-    assert again.reason == "duplicate"
+    # The refusal is transient: while the key is held, every retry names the holder again...
+    with pytest.raises(ConcurrencyKeyTaken) as info:
+        ledger.apply(create("second"))
+    assert info.value.holder_run_id == "first"
     cancel(ledger, "first")  # a pending run can be cancelled, which releases the key
-    assert ledger.apply(create("third")).applied
-    assert holders(pool) == ["third"]
+    # ...and once it is free, the same launch with the same idempotency key starts the run.
+    assert ledger.apply(create("second")).applied
+    assert holders(pool) == ["second"]
+    with pool.connection() as conn:
+        drops = conn.execute(
+            "SELECT reason, count(*) AS n FROM executor.drops "
+            "WHERE idempotency_key = 'create:second' GROUP BY reason"
+        ).fetchall()
+    assert drops == [{"reason": "key_taken", "n": 2}]
     assert_verified(pool)
 
 
@@ -195,7 +203,7 @@ def test_a_paused_run_holds_the_key_until_it_ends(pool: Pool) -> None:
     with pytest.raises(ConcurrencyKeyTaken) as info:
         ledger.apply(create("third"))
     assert info.value.holder_run_id == "first"
-    done = ledger.apply(CompleteStep(run_id="first", step_key="work", attempt=1))
+    done = ledger.apply(CompleteStep(fence="f", run_id="first", step_key="work", attempt=1))
     assert done.run_status == "completed"
     assert ledger.apply(create("fourth")).applied
     assert_verified(pool)
@@ -240,15 +248,20 @@ def test_manual_retry_is_refused_when_another_run_took_the_key(pool: Pool) -> No
         receipt = conn.execute(
             "SELECT outcome, detail FROM executor.receipts WHERE idempotency_key = 'retry-1'"
         ).fetchone()
+        drop = conn.execute(
+            "SELECT reason, detail FROM executor.drops WHERE idempotency_key = 'retry-1'"
+        ).fetchone()
     assert old is not None
     assert (old["status"], old["step"], old["attempt"]) == ("failed", "failed", 1)
-    assert receipt is not None
-    assert receipt["outcome"] == "invalid_transition"
-    assert "held by run new" in receipt["detail"]
-    assert ledger.apply(retry).reason == "duplicate"  # the same click, delivered again
+    assert receipt is None  # refused for now: the key is not used up
+    assert drop is not None
+    assert drop["reason"] == "key_taken"
+    assert "held by run new" in drop["detail"]
+    with pytest.raises(ConcurrencyKeyTaken):  # the same click, delivered again
+        ledger.apply(retry)
 
     cancel(ledger, "new")
-    reopened = ledger.apply(RetryStep(run_id="old", step_key="work", idempotency_key="retry-2"))
+    reopened = ledger.apply(retry)  # the same click once the key is free: it applies
     assert reopened.applied
     assert reopened.run_status == "running"
     assert [(e.type, e.attempt) for e in reopened.events] == [

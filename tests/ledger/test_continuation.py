@@ -51,7 +51,9 @@ def test_a_completion_starts_one_dependant_of_its_queue_and_enqueues_the_rest(
     ledger = Ledger(pool)
     launch(ledger, "r1")
     done = ledger.apply(
-        CompleteStep(run_id="r1", step_key="first", attempt=1, output=1, continue_on="default")
+        CompleteStep(
+            fence="f", run_id="r1", step_key="first", attempt=1, output=1, continue_on="default"
+        )
     )
     assert done.continued
     assert done.step_context is not None
@@ -71,7 +73,7 @@ def test_a_completion_starts_one_dependant_of_its_queue_and_enqueues_the_rest(
 def test_without_continue_on_every_dependant_travels(pool: Pool) -> None:
     ledger = Ledger(pool)
     launch(ledger, "r2")
-    done = ledger.apply(CompleteStep(run_id="r2", step_key="first", attempt=1, output=1))
+    done = ledger.apply(CompleteStep(fence="f", run_id="r2", step_key="first", attempt=1, output=1))
     assert not done.continued
     assert len(done.followups) == 4
 
@@ -81,7 +83,9 @@ def test_a_paused_run_continues_nothing(pool: Pool, db_url: str) -> None:
     launch(ledger, "r3")
     ledger.apply(PauseRun(run_id="r3", idempotency_key="pause-r3"))
     done = ledger.apply(
-        CompleteStep(run_id="r3", step_key="first", attempt=1, output=1, continue_on="default")
+        CompleteStep(
+            fence="f", run_id="r3", step_key="first", attempt=1, output=1, continue_on="default"
+        )
     )
     assert done.applied
     assert not done.continued
@@ -113,7 +117,9 @@ def test_the_runner_runs_a_chain_in_place_and_the_log_is_valid(pool: Pool, db_ur
     ledger.apply(StartRun(run_id="r4", workflow="t_chain", steps=chain.specs()))
     pushed: list[OutboxItem] = []
     runner = StepRunner(ledger, pushed.extend)
-    last = runner.run(StartStep(run_id="r4", step_key="one", attempt=1), continue_for=60)
+    last = runner.run(
+        fence="f", command=StartStep(run_id="r4", step_key="one", attempt=1), continue_for=60
+    )
     assert last.applied
     assert last.run_status == "completed"
     assert pushed == []  # two and three never went through Redis
@@ -129,7 +135,9 @@ def test_without_a_budget_the_runner_runs_only_its_own_step(pool: Pool) -> None:
     ledger.apply(CreateRun(run_id="r5", workflow="t_chain", idempotency_key="c-r5"))
     ledger.apply(StartRun(run_id="r5", workflow="t_chain", steps=chain.specs()))
     pushed: list[OutboxItem] = []
-    StepRunner(ledger, pushed.extend).run(StartStep(run_id="r5", step_key="one", attempt=1))
+    StepRunner(ledger, pushed.extend).run(
+        fence="f", command=StartStep(run_id="r5", step_key="one", attempt=1)
+    )
     assert [p.command["step_key"] for p in pushed] == ["two"]
 
 
@@ -162,7 +170,9 @@ def test_a_lost_answer_does_not_orphan_the_step_it_started(pool: Pool, db_url: s
     ledger.apply(CreateRun(run_id="r7", workflow="t_chain", idempotency_key="c-r7"))
     ledger.apply(StartRun(run_id="r7", workflow="t_chain", steps=chain.specs()))
     runner = StepRunner(ledger, lambda items: None)
-    runner.run(StartStep(run_id="r7", step_key="one", attempt=1), continue_for=60)
+    runner.run(
+        fence="f", command=StartStep(run_id="r7", step_key="one", attempt=1), continue_for=60
+    )
     assert ledger.lost
     with pool.connection() as conn:
         run = conn.execute("SELECT status FROM executor.runs WHERE run_id = 'r7'").fetchone()
@@ -177,7 +187,8 @@ def test_each_step_run_in_place_gets_the_hook_that_re_arms_its_timeout(pool: Poo
     ledger.apply(StartRun(run_id="r8", workflow="t_chain", steps=chain.specs()))
     calls: list[int] = []
     StepRunner(ledger, lambda items: None).run(
-        StartStep(run_id="r8", step_key="one", attempt=1),
+        fence="f",
+        command=StartStep(run_id="r8", step_key="one", attempt=1),
         continue_for=60,
         on_continue=lambda: calls.append(1),
     )

@@ -107,24 +107,35 @@ def test_completion_of_a_superseded_attempt_is_stale(pool: Pool, next_attempt_is
         assert ledger.apply(StartStep(run_id=RUN, step_key=STEP, attempt=2)).applied
 
     # Worker 1 comes back and reports its (superseded) attempt.
-    late = ledger.apply(CompleteStep(run_id=RUN, step_key=STEP, attempt=1, output="zombie"))
+    late = ledger.apply(
+        CompleteStep(fence="f", run_id=RUN, step_key=STEP, attempt=1, output="zombie")
+    )
     assert late.reason == "stale_attempt"
     assert "attempt 1 superseded by attempt 2" in (late.detail or "")
-    late_fail = ledger.apply(FailStep(run_id=RUN, step_key=STEP, attempt=1, error="zombie"))
+    late_fail = ledger.apply(
+        FailStep(fence="f", run_id=RUN, step_key=STEP, attempt=1, error="zombie")
+    )
     assert late_fail.reason == "stale_attempt"
     assert step_row(pool)["status"] == next_attempt_is
     assert step_row(pool)["attempt"] == 2
 
     if next_attempt_is == "queued":
         assert ledger.apply(StartStep(run_id=RUN, step_key=STEP, attempt=2)).applied
-    done = ledger.apply(CompleteStep(run_id=RUN, step_key=STEP, attempt=2, output="real"))
+    done = ledger.apply(
+        CompleteStep(fence="f", run_id=RUN, step_key=STEP, attempt=2, output="real")
+    )
     assert done.run_status == "completed"
     assert step_row(pool)["output"] == "real"
 
     # After the step is done the zombie is late rather than stale: the terminal check wins.
     again = ledger.apply(
         CompleteStep(
-            run_id=RUN, step_key=STEP, attempt=1, output="zombie", idempotency_key="zombie-2"
+            fence="f",
+            run_id=RUN,
+            step_key=STEP,
+            attempt=1,
+            output="zombie",
+            idempotency_key="zombie-2",
         )
     )
     assert again.reason == "terminal"
@@ -144,7 +155,7 @@ def test_duplicate_and_stale_starts_do_not_consume_retry_budget(pool: Pool) -> N
     assert step_row(pool)["attempt"] == 1
     assert started_attempts(pool) == [1]
 
-    fail1 = FailStep(run_id=RUN, step_key=STEP, attempt=1, error="flaky")
+    fail1 = FailStep(fence="f", run_id=RUN, step_key=STEP, attempt=1, error="flaky")
     assert [e.type for e in ledger.apply(fail1).events] == ["step_retrying"]
     assert ledger.apply(DispatchStep(run_id=RUN, step_key=STEP, attempt=2)).applied
     stale = StartStep(run_id=RUN, step_key=STEP, attempt=1, idempotency_key="late-start-1")
@@ -159,7 +170,7 @@ def test_duplicate_and_stale_starts_do_not_consume_retry_budget(pool: Pool) -> N
 
     # Attempt 2 of 2: a retryable failure now fails the step; the budget was not eaten by
     # the duplicate and stale starts above.
-    failed = ledger.apply(FailStep(run_id=RUN, step_key=STEP, attempt=2, error="flaky"))
+    failed = ledger.apply(FailStep(fence="f", run_id=RUN, step_key=STEP, attempt=2, error="flaky"))
     assert [e.type for e in failed.events] == ["step_failed", "run_failed"]
     row = step_row(pool)
     assert (row["status"], row["attempt"], row["max_attempts"]) == ("failed", 2, 2)
@@ -219,6 +230,6 @@ def test_extend_lease_is_fenced_by_attempt(pool: Pool) -> None:
 
     assert ledger.apply(CancelRun(run_id=RUN, idempotency_key="cancel")).applied
     assert ledger.extend_lease(RUN, STEP, 2) is None  # cancelled: the worker must stop
-    late = ledger.apply(CompleteStep(run_id=RUN, step_key=STEP, attempt=2))
+    late = ledger.apply(CompleteStep(fence="f", run_id=RUN, step_key=STEP, attempt=2))
     assert late.reason == "terminal"
     assert_verified(pool)

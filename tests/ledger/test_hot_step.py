@@ -67,7 +67,8 @@ def test_thirty_two_copies_of_start_then_complete(pool: Pool) -> None:
     assert applied.step_context is not None
 
     completions = deliver_at_once(
-        ledger, CompleteStep(run_id=run_id, step_key="hot", attempt=1, output={"hits": 1})
+        ledger,
+        CompleteStep(fence="f", run_id=run_id, step_key="hot", attempt=1, output={"hits": 1}),
     )
     assert Counter(o.reason for o in completions) == {None: 1, "duplicate": COPIES - 1}
     (applied,) = [o for o in completions if o.applied]
@@ -91,7 +92,7 @@ def test_thirty_two_copies_of_start_then_complete(pool: Pool) -> None:
         ).fetchall()
         receipts = conn.execute(
             "SELECT idempotency_key, outcome FROM executor.receipts "
-            "WHERE idempotency_key LIKE '%%:hot:hot:1' ORDER BY idempotency_key"
+            "WHERE idempotency_key LIKE '%%:hot:hot:1%%' ORDER BY idempotency_key"
         ).fetchall()
         report = verify(conn)
     assert step == {"status": "completed", "attempt": 1, "output": {"hits": 1}}
@@ -102,11 +103,11 @@ def test_thirty_two_copies_of_start_then_complete(pool: Pool) -> None:
         {"type": "step_started", "n": 1},
     ]
     assert drops == [
-        {"idempotency_key": "complete_step:hot:hot:1", "reason": "duplicate", "n": COPIES - 1},
+        {"idempotency_key": "complete_step:hot:hot:1:f", "reason": "duplicate", "n": COPIES - 1},
         {"idempotency_key": "start_step:hot:hot:1", "reason": "duplicate", "n": COPIES - 1},
     ]
     assert receipts == [
-        {"idempotency_key": "complete_step:hot:hot:1", "outcome": "applied"},
+        {"idempotency_key": "complete_step:hot:hot:1:f", "outcome": "applied"},
         {"idempotency_key": "start_step:hot:hot:1", "outcome": "applied"},
     ]
     assert report.ok, [str(v) for v in report.violations]

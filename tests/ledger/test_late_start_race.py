@@ -203,7 +203,8 @@ def test_ledger_serialises_the_late_start_behind_the_completion(
     # A: the worker that ran attempt 1 completes it; it stops inside its transaction, after
     # every write and before COMMIT, holding the run and step row locks.
     a: Future[Any] = threads.submit(
-        ledger.apply, CompleteStep(run_id=run_id, step_key="work", attempt=1, output="done")
+        ledger.apply,
+        CompleteStep(fence="f", run_id=run_id, step_key="work", attempt=1, output="done"),
     )
     assert a_holds_locks.wait(WAIT)
 

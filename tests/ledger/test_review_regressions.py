@@ -58,7 +58,7 @@ def test_an_output_json_cannot_hold_fails_the_step_once_not_every_attempt(pool: 
     ledger = Ledger(pool)
     started(ledger, "r-tuple")
     outcome = StepRunner(ledger, lambda items: None).run(
-        StartStep(run_id="r-tuple", step_key="tuple_output", attempt=1)
+        fence="f", command=StartStep(run_id="r-tuple", step_key="tuple_output", attempt=1)
     )
     assert outcome.applied
     row = step_row(pool, "r-tuple", "tuple_output")
@@ -70,7 +70,7 @@ def test_an_error_with_a_nul_character_is_recorded(pool: Pool) -> None:
     ledger = Ledger(pool)
     started(ledger, "r-nul")
     outcome = StepRunner(ledger, lambda items: None).run(
-        StartStep(run_id="r-nul", step_key="nul_error", attempt=1)
+        fence="f", command=StartStep(run_id="r-nul", step_key="nul_error", attempt=1)
     )
     assert outcome.applied
     row = step_row(pool, "r-nul", "nul_error")
@@ -83,7 +83,7 @@ def test_a_nul_character_on_the_wire_is_an_invalid_command() -> None:
     with pytest.raises(InvalidCommand, match="NUL"):
         parse(raw)
     with pytest.raises(ValueError, match="NUL"):
-        CompleteStep(run_id="r", step_key="s", attempt=1, output={"k": "a\x00b"})
+        CompleteStep(fence="f", run_id="r", step_key="s", attempt=1, output={"k": "a\x00b"})
 
 
 def test_a_late_result_during_the_backoff_window_is_stale(pool: Pool) -> None:
@@ -98,7 +98,7 @@ def test_a_late_result_during_the_backoff_window_is_stale(pool: Pool) -> None:
         ExpireLease(run_id="r-late", step_key="a", attempt=1, observed_lease=lease)
     )
     assert expired.applied
-    late = ledger.apply(CompleteStep(run_id="r-late", step_key="a", attempt=1, output=1))
+    late = ledger.apply(CompleteStep(fence="f", run_id="r-late", step_key="a", attempt=1, output=1))
     assert (late.reason, late.applied) == ("stale_attempt", False)
 
 
@@ -107,7 +107,7 @@ def test_retrying_a_completed_step_is_dropped_as_terminal(pool: Pool) -> None:
     ledger.apply(CreateRun(run_id="r-done", workflow="w", idempotency_key="c-done"))
     ledger.apply(StartRun(run_id="r-done", workflow="w", steps=(StepSpec(step_key="a"),)))
     ledger.apply(StartStep(run_id="r-done", step_key="a", attempt=1))
-    ledger.apply(CompleteStep(run_id="r-done", step_key="a", attempt=1, output=None))
+    ledger.apply(CompleteStep(fence="f", run_id="r-done", step_key="a", attempt=1, output=None))
     retry = ledger.apply(RetryStep(run_id="r-done", step_key="a", idempotency_key="op-1"))
     assert retry.reason == "terminal"
 
@@ -126,4 +126,4 @@ def test_an_unexpected_unique_violation_is_not_retried_as_busy(pool: Pool) -> No
 
 def test_fail_step_with_a_nul_is_refused_before_the_database(pool: Pool) -> None:
     with pytest.raises(ValueError, match="NUL"):
-        FailStep(run_id="r", step_key="a", attempt=1, error="x\x00")
+        FailStep(fence="f", run_id="r", step_key="a", attempt=1, error="x\x00")

@@ -34,7 +34,6 @@ FAST = {
     "EXECUTOR_HEARTBEAT_INTERVAL": "0.3",
     "EXECUTOR_SWEEP_INTERVAL": "0.3",
     "EXECUTOR_OUTBOX_GRACE_SECONDS": "1",
-    "EXECUTOR_RECOVERY_GRACE_SECONDS": "1",
     "EXECUTOR_WORKFLOW_MODULES": "executor.workflows.sample,workflows_for_tests",
 }
 

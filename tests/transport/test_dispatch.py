@@ -14,7 +14,6 @@ from typing import Any
 import psycopg
 import pytest
 import redis as redis_lib
-from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -24,8 +23,6 @@ from rq.queue import Queue
 from executor.commands.models import CreateRun, StartRun, StartStep, StepSpec
 from executor.ledger.handler import Ledger
 from executor.ledger.outcome import OutboxItem
-from executor.recovery.reaper import reap
-from executor.recovery.relay import relay
 from executor.recovery.sweep import SweepReport, sweep
 from executor.transport.dispatch import DELIVER, Dispatcher, job_id_for
 from executor.transport.serializer import JSONCommandSerializer, RefusedPayload
@@ -177,15 +174,15 @@ def outbox_ids(pool: Pool) -> list[int]:
         return [r["outbox_id"] for r in conn.execute("SELECT outbox_id FROM executor.outbox")]
 
 
-def test_push_deletes_the_rows_it_pushed_and_uses_the_step_timeout(
+def test_push_keeps_the_rows_and_uses_the_step_timeout(
     pool: Pool, redis: redis_lib.Redis, settings: ExecutorSettings
 ) -> None:
     ledger = Ledger(pool)
     ledger.apply(CreateRun(run_id="r0", workflow="wf", idempotency_key="create:r0"))
     followups = create_and_start(ledger, timeout=7.5)
-    assert len(outbox_ids(pool)) == 3  # two start_run jobs, one start_step
+    assert len(outbox_ids(pool)) == 2  # r0's start_run (r1's went with its start), a start_step
     Dispatcher(redis, settings, pool).push(followups)
-    assert len(outbox_ids(pool)) == 2
+    assert len(outbox_ids(pool)) == 2  # a row goes when its command is decided, not pushed
     job = Job.fetch(
         job_id_for(followups[0].idempotency_key), connection=redis, serializer=JSONCommandSerializer
     )
@@ -193,7 +190,7 @@ def test_push_deletes_the_rows_it_pushed_and_uses_the_step_timeout(
     assert job.meta["step_timeout"] == 7.5
 
 
-def test_redis_down_leaves_rows_for_the_relay_and_does_not_raise(
+def test_redis_down_does_not_raise(
     pool: Pool, redis: redis_lib.Redis, settings: ExecutorSettings
 ) -> None:
     followups = create_and_start(Ledger(pool))
@@ -201,39 +198,8 @@ def test_redis_down_leaves_rows_for_the_relay_and_does_not_raise(
         host="127.0.0.1", port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
     )
     Dispatcher(dead, settings, pool).push(followups)
-    assert len(outbox_ids(pool)) == 2
-    assert queued_ids(redis, "high") == []
-
-
-def test_relay_pushes_rows_past_the_grace_and_due_rows(
-    pool: Pool, redis: redis_lib.Redis, settings: ExecutorSettings
-) -> None:
-    settings = settings.model_copy(update={"outbox_grace_seconds": 30.0})
-    create_and_start(Ledger(pool))
-    dispatcher = Dispatcher(redis, settings, pool)
-    assert relay(pool, dispatcher, settings).claimed == 0  # younger than the grace
-    with pool.connection() as conn:
-        conn.execute("UPDATE executor.outbox SET created_at = created_at - interval '1 minute'")
-    report = relay(pool, dispatcher, settings)
-    assert (report.claimed, report.pushed) == (2, 2)
-    assert outbox_ids(pool) == []
-    assert len(queued_ids(redis, "high")) == 1
-    assert len(queued_ids(redis, "default")) == 1
-
-    # Written two seconds ago for one second ago (a retry's backoff): due, no grace needed.
-    # Written just now for an hour from now: not due.
-    for attempt, created, due in ((2, "-2 seconds", "-1 second"), (3, "0 seconds", "1 hour")):
-        later = StartStep(run_id="r1", step_key="a", attempt=attempt)
-        with pool.connection() as conn:
-            conn.execute(
-                "INSERT INTO executor.outbox"
-                " (run_id, queue, idempotency_key, command, created_at, not_before)"
-                " VALUES ('r1', 'high', %s, %s, now() + %s::interval, now() + %s::interval)",
-                (later.idempotency_key, Jsonb(later.model_dump(mode="json")), created, due),
-            )
-    assert relay(pool, dispatcher, settings).pushed == 1
     assert len(outbox_ids(pool)) == 1
-    assert len(queued_ids(redis, "high")) == 2
+    assert queued_ids(redis, "high") == []
 
 
 def test_one_sweeper_at_a_time(
@@ -252,76 +218,3 @@ def test_one_sweeper_at_a_time(
     report: SweepReport = sweep(Context())
     assert report.leader
     assert "relayed 0/0" in str(report)
-
-
-# --- the reaper, in process ----------------------------------------------------------------
-
-
-def reaper_settings(settings: ExecutorSettings) -> ExecutorSettings:
-    return settings.model_copy(update={"recovery_grace_seconds": 0.0})
-
-
-def run_step(pool: Pool) -> dict[str, Any]:
-    with pool.connection() as conn:
-        row = conn.execute(
-            "SELECT status, attempt FROM executor.steps WHERE run_id = 'r1' AND step_key = 'a'"
-        ).fetchone()
-    assert row is not None
-    return dict(row)
-
-
-def lose_everything(pool: Pool, redis: redis_lib.Redis) -> None:
-    """What a crash between commit and push, plus a Redis flush, leaves behind."""
-    with pool.connection() as conn:
-        conn.execute("DELETE FROM executor.outbox")
-    redis.flushdb()
-
-
-def test_reaper_restarts_a_pending_run_and_requeues_a_queued_step(
-    pool: Pool, redis: redis_lib.Redis, settings: ExecutorSettings
-) -> None:
-    settings = reaper_settings(settings)
-    ledger, dispatcher = Ledger(pool), Dispatcher(redis, settings, pool)
-    ledger.apply(CreateRun(run_id="r0", workflow="wf", idempotency_key="create:r0"))
-    create_and_start(ledger)
-    lose_everything(pool, redis)
-    report = reap(pool, ledger, dispatcher, settings)
-    assert (report.restarted, report.requeued) == (1, 1)
-    assert queued_ids(redis, "default") == [job_id_for("start_run:r0")]
-    assert queued_ids(redis, "high") == [job_id_for("start_step:r1:a:1")]
-    again = reap(pool, ledger, dispatcher, settings)  # the jobs are there now
-    assert (again.restarted, again.requeued) == (0, 0)
-
-
-def test_reaper_expires_a_dead_lease_and_redispatches_an_overdue_retry(
-    pool: Pool, redis: redis_lib.Redis, settings: ExecutorSettings
-) -> None:
-    settings = reaper_settings(settings)
-    dispatcher = Dispatcher(redis, settings, pool)
-    create_and_start(Ledger(pool))
-    assert (
-        Ledger(pool, lease_seconds=-1)
-        .apply(StartStep(run_id="r1", step_key="a", attempt=1))
-        .applied
-    )
-    lose_everything(pool, redis)
-
-    report = reap(pool, Ledger(pool), dispatcher, settings)
-    assert report.expired == 1
-    assert run_step(pool) == {"status": "retrying", "attempt": 1}
-
-    lose_everything(pool, redis)  # the dispatch_step follow-up is lost too
-    with pool.connection() as conn:
-        conn.execute("UPDATE executor.steps SET next_attempt_at = now() - interval '1 minute'")
-    report = reap(pool, Ledger(pool), dispatcher, settings)
-    assert report.redispatched == 1
-    assert run_step(pool) == {"status": "queued", "attempt": 2}
-    with pool.connection() as conn:
-        keys = [
-            r["idempotency_key"]
-            for r in conn.execute(
-                "SELECT idempotency_key FROM executor.receipts WHERE command_type = 'dispatch_step'"
-            )
-        ]
-    assert keys == ["dispatch_step:r1:a:2:sweep:1"]
-    assert queued_ids(redis, "high") == [job_id_for("start_step:r1:a:2")]

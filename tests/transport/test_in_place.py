@@ -37,14 +37,16 @@ def test_unset_optional_fields_stay_off_the_wire() -> None:
     payload = wire(unplanned_start("r1", "wf"))
     assert "continue_on" not in payload
     assert payload["steps"] == []
-    done = wire(CompleteStep(run_id="r1", step_key="a", attempt=1, output=None))
+    done = wire(CompleteStep(fence="f", run_id="r1", step_key="a", attempt=1, output=None))
     assert "continue_on" not in done
-    assert parse_obj(done) == CompleteStep(run_id="r1", step_key="a", attempt=1)
+    assert parse_obj(done) == CompleteStep(fence="f", run_id="r1", step_key="a", attempt=1)
     assert isinstance(jobs.decode(payload), StartRun)
 
 
 def test_apps_cannot_promise_to_run_a_step_in_place(db_url: str, redis_url: str) -> None:
     with Client(db_url, redis_url) as client, pytest.raises(ExecutorError, match="continue_on"):
         client.apply(
-            CompleteStep(run_id="r1", step_key="a", attempt=1, output=1, continue_on="default")
+            CompleteStep(
+                fence="f", run_id="r1", step_key="a", attempt=1, output=1, continue_on="default"
+            )
         )

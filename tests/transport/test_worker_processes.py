@@ -95,7 +95,7 @@ def test_a_sigkilled_worker_s_step_is_retried_and_its_late_result_is_stale(
     recovered_in = time.monotonic() - killed_at
     # The killed attempt's completion, arriving late: fenced off by its attempt number.
     late = client.ledger.apply(
-        CompleteStep(run_id=run_id, step_key="nap", attempt=1, output={"late": True})
+        CompleteStep(fence="f", run_id=run_id, step_key="nap", attempt=1, output={"late": True})
     )
     assert (late.applied, late.reason) == (False, "stale_attempt"), late.summary()
 
