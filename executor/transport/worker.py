@@ -45,6 +45,11 @@ date; see `entries`) is treated the same way instead of stopping the worker or l
 Redis. If the ledger cannot be reached to record a rejection, the entry goes back on its
 queue for a later attempt rather than vanishing unrecorded.
 
+If RQ's work loop does die of an unexpected exception, `work` raises `WorkerDied` after
+RQ's teardown, so `executor worker` and `rq worker -w ...` exit non-zero and a supervisor
+that restarts failed processes restarts it (RQ itself logs the exception and returns
+normally, which would exit 0).
+
 The sweep
 ---------
 Each worker attempts `executor.recovery.sweep.sweep` every `sweep_interval` from its main
@@ -58,12 +63,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import psycopg
 import redis
+from rq.exceptions import StopRequested
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 from rq.queue import Queue
@@ -71,7 +78,7 @@ from rq.utils import import_attribute
 from rq.worker import BaseWorker, SimpleWorker, Worker
 
 from executor.commands.models import COMMAND_TYPES
-from executor.errors import ConfigurationError, InvalidCommand
+from executor.errors import ConfigurationError, ExecutorError, InvalidCommand
 from executor.transport import jobs
 from executor.transport.dispatch import DELIVER
 from executor.transport.entries import (
@@ -90,6 +97,10 @@ from queue_config import ExecutorSettings, load_settings
 log = logging.getLogger("executor.worker")
 
 ALLOWED_FUNCTIONS = frozenset({DELIVER})
+
+
+class WorkerDied(ExecutorError):
+    """The worker's loop died of an unexpected exception (logged above); restart the worker."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +169,8 @@ class _ExecutorWorkerMixin(_Base):
         self.executor_settings = settings
         self.database_url = database_url
         self._next_sweep = 0.0
+        self._loop_depth = 0
+        self._loop_error: Exception | None = None
         kwargs["serializer"] = JSONCommandSerializer
         # Forced like the serializer: rq's CLI passes plain Queue objects (and its default
         # queue class), whose dequeue stops the worker on a malformed entry.
@@ -170,7 +183,7 @@ class _ExecutorWorkerMixin(_Base):
         ]
         super().__init__(queues, *args, **kwargs)
 
-    # --- start-up ----------------------------------------------------------------------------
+    # --- start-up and the loop ---------------------------------------------------------------
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         """Build the runtime (pool, ledger, workflows) before registering: fail fast on config."""
@@ -182,6 +195,44 @@ class _ExecutorWorkerMixin(_Base):
         _ensure_logging()
         super().bootstrap(*args, **kwargs)
 
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        """RQ's work loop; raises WorkerDied if the loop died of an unexpected exception."""
+        self._loop_error = None
+        worked = bool(super().work(*args, **kwargs))
+        error = self._loop_error
+        if error is not None:
+            raise WorkerDied(
+                f"worker {self.name} stopped: its work loop died of {type(error).__name__}: {error}"
+            ) from error
+        return worked
+
+    @contextmanager
+    def _loop_step(self) -> Iterator[None]:
+        """Note an exception escaping a step of RQ's loop body: the loop ends on it.
+
+        Only the outermost step counts: RQ calls some of these from inside others (the
+        heartbeat and maintenance from the dequeue) and retries Redis errors there.
+        """
+        self._loop_depth += 1
+        try:
+            yield
+        except StopRequested:
+            raise
+        except Exception as exc:
+            if self._loop_depth == 1:
+                self._loop_error = exc
+            raise
+        finally:
+            self._loop_depth -= 1
+
+    def check_for_suspension(self, burst: bool) -> None:
+        with self._loop_step():
+            super().check_for_suspension(burst)
+
+    def heartbeat(self, *args: Any, **kwargs: Any) -> None:
+        with self._loop_step():
+            super().heartbeat(*args, **kwargs)
+
     @property
     def dequeue_timeout(self) -> int:
         base = max(1, self.worker_ttl - 15)
@@ -192,11 +243,12 @@ class _ExecutorWorkerMixin(_Base):
     # --- screening ---------------------------------------------------------------------------
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        rejection = screen_job(job, self.allowed_functions)
-        if rejection is not None:
-            self.reject_job(job, queue, rejection)
-            return
-        super().execute_job(job, queue)
+        with self._loop_step():
+            rejection = screen_job(job, self.allowed_functions)
+            if rejection is not None:
+                self.reject_job(job, queue, rejection)
+                return
+            super().execute_job(job, queue)
 
     def reject_job(self, job: Job, queue: Queue, rejection: Rejection) -> None:
         """Record, log and delete a job that must not run; the worker carries on."""
@@ -208,21 +260,22 @@ class _ExecutorWorkerMixin(_Base):
         self, timeout: int | None, max_idle_time: int | None = None
     ) -> tuple[Job, Queue] | None:
         """RQ's dequeue, except that an entry RQ cannot load is rejected, not fatal."""
-        while True:
-            try:
-                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-            except MalformedEntry as entry:
-                self._reject_entry(entry)
-            except redis.RedisError:
-                raise
-            except Exception as exc:
-                # RQ attaches the id and queue to anything else that fails a fetch.
-                job_id = getattr(exc, "job_id", None)
-                queue = getattr(exc, "queue", None)
-                if not isinstance(job_id, str) or not isinstance(queue, Queue):
+        with self._loop_step():
+            while True:
+                try:
+                    return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+                except MalformedEntry as entry:
+                    self._reject_entry(entry)
+                except redis.RedisError:
                     raise
-                detail = f"RQ cannot load the job hash: {exc!r}"
-                self._reject_entry(MalformedEntry(queue.key, job_id.encode(), detail))
+                except Exception as exc:
+                    # RQ attaches the id and queue to anything else that fails a fetch.
+                    job_id = getattr(exc, "job_id", None)
+                    queue = getattr(exc, "queue", None)
+                    if not isinstance(job_id, str) or not isinstance(queue, Queue):
+                        raise
+                    detail = f"RQ cannot load the job hash: {exc!r}"
+                    self._reject_entry(MalformedEntry(queue.key, job_id.encode(), detail))
 
     def _reject_entry(self, entry: MalformedEntry) -> None:
         fields = cast(dict[bytes, bytes], self.connection.hgetall(job_key(entry.raw_id)))
@@ -288,11 +341,12 @@ class _ExecutorWorkerMixin(_Base):
         return bool(super().should_run_maintenance_tasks) or self._sweep_due()
 
     def run_maintenance_tasks(self) -> None:
-        if super().should_run_maintenance_tasks:
-            self._reject_stuck_entries()
-            super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
-        if self._sweep_due():
-            self.run_sweep()
+        with self._loop_step():
+            if super().should_run_maintenance_tasks:
+                self._reject_stuck_entries()
+                super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
+            if self._sweep_due():
+                self.run_sweep()
 
     def _sweep_due(self) -> bool:
         return self.executor_settings is not None and time.monotonic() >= self._next_sweep

@@ -1,5 +1,5 @@
 """I2/I8 for queue entries RQ cannot turn into a job: each is recorded as invalid_payload,
-removed from Redis, and the worker keeps running.
+removed from Redis, and the worker keeps running; a worker whose loop does die exits non-zero.
 
 Entries are written straight into Redis, as a buggy producer with Redis access could. With
 one queue RQ dequeues by BLMOVE into an intermediate queue, with several by BLPOP; both
@@ -8,6 +8,8 @@ paths are exercised, with real `executor worker` processes.
 
 from __future__ import annotations
 
+import os
+import signal
 import uuid
 from typing import Any
 
@@ -16,6 +18,7 @@ import pytest
 import redis as redis_lib
 from psycopg.rows import dict_row
 from rq.queue import Queue
+from rq.worker import BaseWorker
 
 from executor.client import Client
 from executor.ledger.handler import Ledger, Pool
@@ -228,3 +231,55 @@ def test_the_screening_queue_raises_malformed_entry_with_the_raw_id(
     dequeued = ScreeningQueue.dequeue_any([queue], None, redis)
     assert dequeued is not None
     assert dequeued[0].id == good
+
+
+@pytest.mark.slow
+def test_a_worker_whose_loop_dies_exits_non_zero(
+    workers: Workers, redis: redis_lib.Redis, db_url: str
+) -> None:
+    """RQ logs an unhandled exception in its loop and returns normally (exit 0), so a
+    supervisor restarting failed workers would leave it dead; ours raises WorkerDied."""
+    worker = workers.start(via="rq", worker_class="faulty_worker.BuggyRejectWorker")
+    workers.wait_registered(redis, 1)
+    inject(redis, b"not json")  # rejected by screening, where the planted bug fires
+    assert worker.wait(timeout=30) != 0, workers.output()
+    output = workers.output()
+    assert "found an unhandled exception" in output
+    assert "its work loop died of PlantedBug" in output
+
+
+@pytest.mark.slow
+def test_a_worker_stopped_or_drained_exits_zero(
+    workers: Workers, redis: redis_lib.Redis, db_url: str
+) -> None:
+    """The guard that makes a dying loop fail must not fail a clean stop."""
+    idle = workers.start(via="executor")
+    workers.wait_registered(redis, 1)
+    # Idle is set in the loop, after RQ installed its signal handlers.
+    wait_for(
+        lambda: [w for w in BaseWorker.all(connection=redis) if w.get_state() == "idle"],
+        timeout=30,
+        what="the worker to be idle in its loop",
+    )
+    os.kill(idle.pid, signal.SIGTERM)
+    assert idle.wait(timeout=30) == 0, workers.output()
+
+    raw_id, fields, _ = entries()["not_utf8_id"]
+    push(redis, raw_id, fields)
+    burst = workers.start(via="executor", args=("--burst",))
+    assert burst.wait(timeout=60) == 0, workers.output()
+    assert len(invalid_drops(db_url)) == 1
+    assert in_redis(redis, raw_id) == []
+
+
+@pytest.mark.slow
+def test_executor_worker_exits_non_zero_when_redis_breaks_its_loop(
+    workers: Workers, client: Client, redis: redis_lib.Redis, db_url: str
+) -> None:
+    """A registry key of the wrong type makes RQ's bookkeeping fail outside any job."""
+    worker = workers.start(via="executor")
+    workers.wait_registered(redis, 1)
+    redis.set("rq:wip:default", "not a sorted set")
+    client.start_run("noop", None)
+    assert worker.wait(timeout=30) != 0, workers.output()
+    assert "its work loop died of ResponseError" in workers.output()
