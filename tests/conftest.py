@@ -24,6 +24,7 @@ import pytest
 import redis as redis_lib
 from psycopg import sql
 from psycopg_pool import ConnectionPool
+from support.pgproxy import PgProxy
 
 from executor.errors import ExecutorError
 from executor.storage import embedded
@@ -261,3 +262,19 @@ def redis(redis_url: str) -> Iterator[redis_lib.Redis]:
         yield client
     finally:
         client.close()
+
+
+# --- a Postgres proxy that can lose the answer to a COMMIT (support/pgproxy.py) -----------
+
+
+@pytest.fixture
+def pg_proxy(database_server_url: str) -> Iterator[PgProxy]:
+    """A proxy in front of the test server; arm it with `pg_proxy.arm(...)`."""
+    with PgProxy.for_url(database_server_url) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def proxy_db_url(pg_proxy: PgProxy, db_url: str) -> str:
+    """`db_url` (clean, migrated) through `pg_proxy`."""
+    return pg_proxy.url(db_url)

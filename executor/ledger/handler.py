@@ -139,7 +139,18 @@ class Ledger:
         return _dropped(command, reason, detail, transient=True)
 
     def record_invalid(self, raw: str, detail: str, *, command_type: str | None = None) -> Outcome:
-        """Record a delivery that never became a command (bad JSON, schema, pickled bytes)."""
+        """Record a delivery that never became a command (bad JSON, schema, pickled bytes).
+
+        Postgres text cannot hold NUL or a lone surrogate (Python's stand-in for bytes that
+        were not UTF-8), and a delivery carrying them is exactly what must be recorded, so
+        both are stored as visible escapes (`\\x00`, `\\udcff`) rather than refused.
+        """
+
+        def storable(text: str) -> str:
+            escaped = text.encode("utf-8", "backslashreplace").decode("utf-8")
+            return escaped.replace("\x00", "\\x00")
+
+        raw, detail = storable(raw[:10_000]), storable(detail)
         with self.pool.connection() as conn:
             conn.execute(
                 q.INSERT_DROP,
@@ -152,7 +163,7 @@ class Ledger:
                     "invalid_payload",
                     detail,
                     None,
-                    raw[:10_000],
+                    raw,
                 ),
             )
         log.warning("dropped invalid payload: %s", detail)

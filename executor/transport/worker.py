@@ -39,8 +39,16 @@ argument is a valid command. A job failing any check is recorded in the ledger
 (`record_invalid`, reason `invalid_payload`), logged, and deleted from Redis; no run or step
 changes and the worker takes the next job. Deleting rather than failing the job keeps
 hostile bytes out of RQ's failed registry, where a pickle-configured RQ tool might load
-them; the ledger keeps the raw payload for inspection. A job hash RQ cannot even load (a
-corrupt status or date) is treated the same way instead of stopping the worker.
+them; the ledger keeps the raw payload for inspection. A queue entry RQ cannot even load
+(an id that is not UTF-8 or that RQ refuses, a hash without `data`, a corrupt status or
+date; see `entries`) is treated the same way instead of stopping the worker or lingering in
+Redis. If the ledger cannot be reached to record a rejection, the entry goes back on its
+queue for a later attempt rather than vanishing unrecorded.
+
+If RQ's work loop does die of an unexpected exception, `work` raises `WorkerDied` after
+RQ's teardown, so `executor worker` and `rq worker -w ...` exit non-zero and a supervisor
+that restarts failed processes restarts it (RQ itself logs the exception and returns
+normally, which would exit 0).
 
 The leader
 ----------
@@ -52,21 +60,32 @@ and reaper every `sweep_interval`; the others stand by to take over when it dies
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
+import psycopg
 import redis
+from rq.exceptions import StopRequested
+from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 from rq.queue import Queue
 from rq.utils import import_attribute
 from rq.worker import BaseWorker, SimpleWorker, Worker
 
 from executor.commands.models import COMMAND_TYPES
-from executor.errors import ConfigurationError, InvalidCommand
+from executor.errors import ConfigurationError, ExecutorError, InvalidCommand
 from executor.recovery.leader import Leader
 from executor.transport import jobs
 from executor.transport.dispatch import DELIVER
+from executor.transport.entries import (
+    MalformedEntry,
+    ScreeningQueue,
+    id_problem,
+    job_key,
+    printable,
+)
 from executor.transport.jobs import decode
 from executor.transport.runtime import configure_runtime, get_runtime
 from executor.transport.serializer import JSONCommandSerializer, RefusedPayload
@@ -76,6 +95,10 @@ from queue_config import ExecutorSettings, load_settings
 log = logging.getLogger("executor.worker")
 
 ALLOWED_FUNCTIONS = frozenset({DELIVER})
+
+
+class WorkerDied(ExecutorError):
+    """The worker's loop died of an unexpected exception (logged above); restart the worker."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +113,7 @@ class Rejection:
 def screen_job(job: Job, allowed: frozenset[str] = ALLOWED_FUNCTIONS) -> Rejection | None:
     """Check a dequeued job without running, importing or unpickling anything."""
     data = job.data
-    raw = _printable(data)
+    raw = printable(data)
     try:
         decoded = JSONCommandSerializer.loads(data)
     except RefusedPayload as exc:
@@ -120,12 +143,6 @@ def screen_job(job: Job, allowed: frozenset[str] = ALLOWED_FUNCTIONS) -> Rejecti
     return None
 
 
-def _printable(data: bytes) -> str:
-    """The payload as storable text: invalid UTF-8 and NUL (which Postgres text refuses) escaped."""
-    text = bytes(data[:10_000]).decode("utf-8", errors="backslashreplace")
-    return text.replace("\x00", "\\x00")
-
-
 if TYPE_CHECKING:
     _Base = BaseWorker
 else:
@@ -150,10 +167,21 @@ class _ExecutorWorkerMixin(_Base):
         self.executor_settings = settings
         self.database_url = database_url
         self.leader: Leader | None = None
+        self._loop_depth = 0
+        self._loop_error: Exception | None = None
         kwargs["serializer"] = JSONCommandSerializer
+        # Forced like the serializer: rq's CLI passes plain Queue objects (and its default
+        # queue class), whose dequeue stops the worker on a malformed entry.
+        queue_class = kwargs.get("queue_class")
+        if not (isinstance(queue_class, type) and issubclass(queue_class, ScreeningQueue)):
+            kwargs["queue_class"] = ScreeningQueue
+        queues = [
+            q.name if isinstance(q, Queue) and not isinstance(q, ScreeningQueue) else q
+            for q in ([queues] if isinstance(queues, str | Queue) else queues)
+        ]
         super().__init__(queues, *args, **kwargs)
 
-    # --- start-up ----------------------------------------------------------------------------
+    # --- start-up and the loop ---------------------------------------------------------------
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         """Build the runtime (pool, ledger, workflows) before registering: fail fast on config."""
@@ -172,62 +200,142 @@ class _ExecutorWorkerMixin(_Base):
             self.leader.stop()
         super().teardown()  # type: ignore[no-untyped-call]
 
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        """RQ's work loop; raises WorkerDied if the loop died of an unexpected exception."""
+        self._loop_error = None
+        worked = bool(super().work(*args, **kwargs))
+        error = self._loop_error
+        if error is not None:
+            raise WorkerDied(
+                f"worker {self.name} stopped: its work loop died of {type(error).__name__}: {error}"
+            ) from error
+        return worked
+
+    @contextmanager
+    def _loop_step(self) -> Iterator[None]:
+        """Note an exception escaping a step of RQ's loop body: the loop ends on it.
+
+        Only the outermost step counts: RQ calls some of these from inside others (the
+        heartbeat and maintenance from the dequeue) and retries Redis errors there.
+        """
+        self._loop_depth += 1
+        try:
+            yield
+        except StopRequested:
+            raise
+        except Exception as exc:
+            if self._loop_depth == 1:
+                self._loop_error = exc
+            raise
+        finally:
+            self._loop_depth -= 1
+
+    def check_for_suspension(self, burst: bool) -> None:
+        with self._loop_step():
+            super().check_for_suspension(burst)
+
+    def heartbeat(self, *args: Any, **kwargs: Any) -> None:
+        with self._loop_step():
+            super().heartbeat(*args, **kwargs)
+
     # --- screening ---------------------------------------------------------------------------
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        rejection = screen_job(job, self.allowed_functions)
-        if rejection is not None:
-            self.reject_job(job, queue, rejection)
-            return
-        super().execute_job(job, queue)
+        with self._loop_step():
+            rejection = screen_job(job, self.allowed_functions)
+            if rejection is not None:
+                self.reject_job(job, queue, rejection)
+                return
+            super().execute_job(job, queue)
 
     def reject_job(self, job: Job, queue: Queue, rejection: Rejection) -> None:
         """Record, log and delete a job that must not run; the worker carries on."""
-        detail = f"job {job.id} on queue {queue.name}: {rejection.detail}"[:2000]
-        self.log.warning("Worker %s: rejected %s", self.name, detail)
-        try:
-            get_runtime().ledger.record_invalid(
-                rejection.raw, detail, command_type=rejection.command_type
-            )
-        except Exception:
-            self.log.exception(
-                "Worker %s: could not record the rejection of job %s", self.name, job.id
-            )
-        _remove_job(self.connection, job.id, queue)
+        self._reject(
+            queue.key, job.id.encode(), rejection.detail, rejection.raw, rejection.command_type
+        )
 
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
     ) -> tuple[Job, Queue] | None:
-        """RQ's dequeue, except that a job hash RQ cannot load is rejected, not fatal."""
-        while True:
-            try:
-                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-            except (redis.RedisError, KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as exc:
-                job_id = getattr(exc, "job_id", None)
-                queue = getattr(exc, "queue", None)
-                if not isinstance(job_id, str) or not isinstance(queue, Queue):
+        """RQ's dequeue, except that an entry RQ cannot load is rejected, not fatal."""
+        with self._loop_step():
+            while True:
+                try:
+                    return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+                except MalformedEntry as entry:
+                    self._reject_entry(entry)
+                except redis.RedisError:
                     raise
-                self._reject_unloadable(job_id, queue, exc)
+                except Exception as exc:
+                    # RQ attaches the id and queue to anything else that fails a fetch.
+                    job_id = getattr(exc, "job_id", None)
+                    queue = getattr(exc, "queue", None)
+                    if not isinstance(job_id, str) or not isinstance(queue, Queue):
+                        raise
+                    detail = f"RQ cannot load the job hash: {exc!r}"
+                    self._reject_entry(MalformedEntry(queue.key, job_id.encode(), detail))
 
-    def _reject_unloadable(self, job_id: str, queue: Queue, exc: Exception) -> None:
-        fields = self.connection.hgetall(Job.key_for(job_id))
-        raw = repr({_decoded(k): v[:2_000] for k, v in fields.items()})[:10_000]
-        detail = f"job {job_id} on queue {queue.name}: RQ cannot load the job hash: {exc!r}"
-        detail = detail[:2000]
+    def _reject_entry(self, entry: MalformedEntry) -> None:
+        fields = cast(dict[bytes, bytes], self.connection.hgetall(job_key(entry.raw_id)))
+        raw = repr(
+            {
+                "job_id": entry.raw_id,
+                "hash": {printable(k, 200): v[:2_000] for k, v in fields.items()},
+            }
+        )[:10_000]
+        self._reject(entry.queue_key, entry.raw_id, entry.detail, raw, None)
+
+    def _reject(
+        self, queue_key: str, raw_id: bytes, reason: str, raw: str, command_type: str | None
+    ) -> None:
+        """Record a rejected entry, then delete it; if the ledger is unreachable, requeue it.
+
+        Deleting an entry whose record failed would lose the only evidence of it. Any fault
+        other than an unreachable database would fail the same way again, so it is logged
+        and the entry deleted.
+        """
+        name = queue_key.removeprefix(Queue.redis_queue_namespace_prefix)
+        detail = f"job {printable(raw_id, 500)} on queue {name}: {reason}"[:2000]
         self.log.warning("Worker %s: rejected %s", self.name, detail)
+        requeue = False
         try:
-            get_runtime().ledger.record_invalid(raw, detail)
+            get_runtime().ledger.record_invalid(raw, detail, command_type=command_type)
+        except psycopg.OperationalError:
+            self.log.exception("Worker %s: could not record the rejection; requeued", self.name)
+            requeue = True
         except Exception:
-            self.log.exception(
-                "Worker %s: could not record the rejection of job %s", self.name, job_id
-            )
-        with self.connection.pipeline() as pipe:
-            pipe.delete(Job.key_for(job_id))
-            pipe.lrem(queue.key, 0, job_id)
-            pipe.lrem(queue.intermediate_queue_key, 0, job_id)
+            self.log.exception("Worker %s: could not record the rejection", self.name)
+        pipe: Any = self.connection.pipeline()  # its hints say str; ids here are raw bytes
+        with pipe:
+            pipe.lrem(IntermediateQueue.get_intermediate_queue_key(queue_key), 0, raw_id)
+            pipe.lrem(queue_key, 0, raw_id)
+            if requeue:
+                pipe.rpush(queue_key, raw_id)
+            else:
+                pipe.delete(job_key(raw_id))
             pipe.execute()
+
+    def _reject_stuck_entries(self) -> None:
+        """Reject ids in our intermediate queues that RQ's maintenance would fail on.
+
+        An entry is left there when a worker moves it off a single queue and dies before
+        screening it (or crashed on it, as RQ does on its own). Removing it first makes one
+        worker the owner, so two workers never record it twice.
+        """
+        for queue in self.queues:
+            key = queue.intermediate_queue_key
+            stuck = cast(list[bytes], self.connection.lrange(key, 0, -1))
+            for raw_id in stuck:
+                problem = id_problem(raw_id)
+                if problem is None:
+                    continue
+                if self.connection.lrem(key, 1, raw_id):  # type: ignore[arg-type]
+                    self._reject_entry(MalformedEntry(queue.key, raw_id, problem))
+
+    def run_maintenance_tasks(self) -> None:
+        with self._loop_step():
+            self._reject_stuck_entries()
+            super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
 
 
 class ExecutorWorker(_ExecutorWorkerMixin, SimpleWorker):
@@ -288,14 +396,6 @@ def run_worker(
     worker.work(burst=burst)
 
 
-def _remove_job(connection: redis.Redis, job_id: str, queue: Queue) -> None:
-    with connection.pipeline() as pipe:
-        pipe.delete(Job.key_for(job_id))
-        pipe.lrem(queue.key, 0, job_id)
-        pipe.lrem(queue.intermediate_queue_key, 0, job_id)
-        pipe.execute()
-
-
 def _ensure_logging() -> None:
     """Make `executor.*` logs visible next to RQ's when nothing else configured logging."""
     root = logging.getLogger()
@@ -306,7 +406,3 @@ def _ensure_logging() -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     ours.addHandler(handler)
     ours.setLevel(logging.INFO)
-
-
-def _decoded(key: bytes | str) -> str:
-    return key.decode(errors="replace") if isinstance(key, bytes) else key

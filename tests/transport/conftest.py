@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +64,17 @@ class Workers:
         worker_class: str = "executor.transport.worker.ExecutorWorker",
         env: dict[str, str] | None = None,
         database_url: str | None = None,
+        args: Sequence[str] = (),
         **extra: str,
     ) -> subprocess.Popen[bytes]:
+        """`args` go to `executor worker` (e.g. queue names), or replace rq's queue list."""
         environment = env or worker_env(database_url or self.database_url, self.redis_url, **extra)
         if via == "rq":
             argv = [sys.executable, "-m", "rq.cli", "worker", "-w", worker_class]
-            argv += ["-u", self.redis_url, "--serializer", RQ_SERIALIZER, "high", "default", "low"]
+            argv += ["-u", self.redis_url, "--serializer", RQ_SERIALIZER]
+            argv += list(args or ("high", "default", "low"))
         else:
-            argv = [sys.executable, "-m", "executor", "worker"]
+            argv = [sys.executable, "-m", "executor", "worker", *args]
         log = (self.logs / f"worker-{len(self.procs)}.log").open("wb")
         proc = subprocess.Popen(
             argv, env=environment, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL

@@ -1,0 +1,1 @@
+"""Test instruments shared by several test packages (importable as `support`)."""
