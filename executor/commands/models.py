@@ -18,7 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, model
 
 from executor.errors import InvalidCommand
 
-Identifier = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+# Run ids, step keys, workflow and queue names appear in URLs, logs and job ids. They start
+# with a letter, digit or `_` (so never `.`, `..` or something a CLI reads as an option) and
+# hold no path separator; step keys may also hold `[` `]`, for map items such as `resize[3]`.
+IDENTIFIER_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,199}$"
+STEP_KEY_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:\[\]\-]{0,199}$"
+Identifier = Annotated[str, Field(min_length=1, max_length=200, pattern=IDENTIFIER_PATTERN)]
+StepKey = Annotated[str, Field(min_length=1, max_length=200, pattern=STEP_KEY_PATTERN)]
+TRACEPARENT_PATTERN = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 Key = Annotated[str, Field(min_length=1, max_length=300)]
 Attempt = Annotated[int, Field(ge=1, le=1_000_000)]
 
@@ -39,8 +46,8 @@ class BackoffPolicy(_Model):
 class StepSpec(_Model):
     """A step as the ledger records it when a run starts (the workflow code stays in workers)."""
 
-    step_key: Identifier
-    depends_on: tuple[Identifier, ...] = ()
+    step_key: StepKey
+    depends_on: tuple[StepKey, ...] = ()
     max_attempts: Annotated[int, Field(ge=1, le=1000)] = 3
     queue: Identifier = "default"
     timeout_seconds: Annotated[float, Field(gt=0, le=86_400)] | None = None
@@ -88,7 +95,7 @@ class _SystemStepCommand(_CommandBase):
     # Filled in after validation when absent. A "before" validator would do it earlier, but
     # it makes pydantic validate JSON input in Python mode, where strict tuples refuse lists.
     idempotency_key: Key = Field(default="", validate_default=False)
-    step_key: Identifier
+    step_key: StepKey
     attempt: Attempt
 
     _key_parts: ClassVar[tuple[str, ...]] = ("run_id", "step_key", "attempt")
@@ -110,6 +117,8 @@ class CreateRun(_CommandBase):
     workflow: Identifier
     input: JsonValue = None
     concurrency_key: Annotated[str, Field(min_length=1, max_length=500)] | None = None
+    # W3C trace context of the caller, stored with the run: every step span is its child.
+    traceparent: Annotated[str, Field(pattern=TRACEPARENT_PATTERN)] | None = None
 
 
 class StartRun(_CommandBase):
@@ -208,7 +217,7 @@ class RetryStep(_CommandBase):
     """Manual retry: failed → queued as a new attempt; reopens a failed run."""
 
     type: Literal["retry_step"] = "retry_step"
-    step_key: Identifier
+    step_key: StepKey
     requested_by: Annotated[str, Field(max_length=200)] | None = None
 
     def describe(self) -> str:
