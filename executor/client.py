@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict
 from redis import Redis
 
+from executor import observability
 from executor.commands.models import Command, CreateRun
 from executor.commands.state import RUN_TERMINAL
 from executor.errors import ExecutorError
@@ -127,6 +128,7 @@ class Client:
             input=input,
             concurrency_key=concurrency_key,
             idempotency_key=idempotency_key or f"create_run:{run_id}",
+            traceparent=observability.run_traceparent(workflow, run_id),  # observability
         )
         outcome = self.apply(command)
         if outcome.applied:

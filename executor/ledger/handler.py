@@ -27,6 +27,7 @@ from psycopg import errors as pg_errors
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
+from executor import observability
 from executor.commands.machine import Drop, Transition, decide
 from executor.commands.models import Command, CreateRun, StartStep, wire
 from executor.commands.state import RunRow, StepRow
@@ -95,9 +96,11 @@ class Ledger:
                     raise
                 last = exc
                 self.retries += 1
+                observability.ledger_retry(exc)  # observability
                 log.debug("retrying %s after %s", command.describe(), type(exc).__name__)
                 time.sleep(random.uniform(0, 0.002 * 2**attempt))
                 continue
+            observability.command_outcome(outcome)  # observability
             if conflict is not None:
                 raise conflict
             return outcome
@@ -243,7 +246,15 @@ class Ledger:
             self._insert_receipt(conn, command, "applied", None, 1, len(t.events))
             inserted = conn.execute(
                 q.INSERT_RUN,
-                (t.run.run_id, t.run.workflow, "pending", key, Jsonb(t.run.input), len(t.events)),
+                (
+                    t.run.run_id,
+                    t.run.workflow,
+                    "pending",
+                    key,
+                    Jsonb(t.run.input),
+                    len(t.events),
+                    getattr(command, "traceparent", None),  # observability: the run's trace
+                ),
             ).fetchone()
             if inserted is not None:
                 return None

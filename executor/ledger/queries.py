@@ -28,8 +28,8 @@ VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
 # ON CONFLICT on the partial unique index (I5): a competing launch waits for the holder's
 # transaction, then inserts nothing; the caller names the holder in its error.
 INSERT_RUN = f"""
-INSERT INTO executor.runs (run_id, workflow, status, concurrency_key, input, last_seq)
-VALUES (%s, %s, %s, %s, %s, %s)
+INSERT INTO executor.runs (run_id, workflow, status, concurrency_key, input, last_seq, traceparent)
+VALUES (%s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (concurrency_key)
     WHERE concurrency_key IS NOT NULL AND status IN {ACTIVE}
 DO NOTHING

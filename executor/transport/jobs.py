@@ -29,6 +29,7 @@ from typing import Any
 
 from rq import get_current_job
 
+from executor import observability
 from executor.commands.models import (
     COMMAND_TYPES,
     BackoffPolicy,
@@ -50,6 +51,7 @@ _PLACEHOLDER = [{"step_key": "_planned_by_worker"}]
 def deliver(command: dict[str, Any]) -> str:
     """RQ entry point: apply one command; returns a one-line account of what happened."""
     job = get_current_job()
+    observability.job_received(job)  # observability: the enqueue time, for queue wait
     if job is None:
         return handle(get_runtime(), command)
     return handle(get_runtime(), command, job_timeout=job.timeout, queue=job.origin)

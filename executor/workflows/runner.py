@@ -20,6 +20,7 @@ from types import TracebackType
 
 import psycopg
 
+from executor import observability
 from executor.commands.models import BackoffPolicy, CompleteStep, FailStep, StartRun, StartStep
 from executor.errors import LeaseLost, StepTimeout, UnknownWorkflow
 from executor.ledger.handler import Ledger
@@ -136,7 +137,9 @@ class StepRunner:
             may_continue = (
                 info.queue if info.timeout_seconds is None and time.monotonic() < deadline else None
             )
-            final = self._attempt(ids, info, may_continue)
+            final = observability.step_attempt(  # observability
+                self.ledger.pool, run_id, info, self._attempt, ids, info, may_continue
+            )
             if final is None:
                 return last
             ended, ambiguous = self._record(final)
