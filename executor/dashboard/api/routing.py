@@ -20,15 +20,17 @@ from executor.dashboard.sessions import SESSION_COOKIE
 
 
 class _DepthSafeRequest(Request):
-    """JSON nested past Python's recursion limit is malformed JSON like any other (422),
-    not a crash of the decoder."""
+    """JSON nested past Python's recursion limit, or bytes that are not UTF-8, are malformed
+    JSON like any other (422), not a crash of the decoder (500) or a vague 400."""
 
     async def json(self) -> Any:
         body = await self.body()
         try:
             return json.loads(body)
         except RecursionError as exc:
-            raise json.JSONDecodeError("JSON nested too deeply", body.decode("latin-1"), 0) from exc
+            raise json.JSONDecodeError("JSON nested too deeply", "", 0) from exc
+        except UnicodeDecodeError as exc:
+            raise json.JSONDecodeError("the body is not UTF-8", "", exc.start) from exc
 
 
 class DashboardRoute(APIRoute):

@@ -29,10 +29,11 @@ from executor.dashboard.models import (
 NO_NUL = r"^[^\x00]*$"
 CURSOR = r"^[A-Za-z0-9_\-]*$"
 # ISO 8601 (a date, or a date and time; naive means UTC) or an age such as 15m, 24h, 7d.
+_HM = r"([01][0-9]|2[0-3]):[0-5][0-9]"
 TIME = (
-    r"^(\s*[0-9]{1,5}\s*[smhdw]\s*"
-    r"|[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?"
-    r"(Z|[+\-][0-9]{2}:[0-9]{2})?)?)$"
+    r"^([0-9]{1,5}[smhdw]"
+    r"|[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    rf"([T ]{_HM}(:[0-5][0-9](\.[0-9]{{1,6}})?)?(Z|[+\-]{_HM})?)?)$"
 )
 TIME_HELP = "ISO 8601 (naive means UTC) or an age such as 15m, 24h, 7d."
 RUN_ID_HELP = (
