@@ -206,6 +206,7 @@ def test_viewer_sees_no_buttons_and_double_submit_retries_once(
     viewer.goto(f"{server}/login")
     viewer.fill("#token", VIEWER)
     viewer.click("button:has-text('Log in')")
+    viewer.wait_for_url(f"{server}/runs")
     viewer.goto(f"{server}/runs/{run_id}")
     viewer.wait_for_selector("#step-fetch")
     assert viewer.locator("button:has-text('Retry')").count() == 0
@@ -215,6 +216,7 @@ def test_viewer_sees_no_buttons_and_double_submit_retries_once(
     page.goto(f"{server}/login")
     page.fill("#token", OPERATOR)
     page.click("button:has-text('Log in')")
+    page.wait_for_url(f"{server}/runs")
     page.goto(f"{server}/runs/{run_id}")
     form = page.locator("#step-fetch form")
     key = form.locator("input[name=idempotency_key]").get_attribute("value")
