@@ -231,3 +231,23 @@ def test_worker_metrics_endpoint_serves_the_outbox_backlog(pool: Any) -> None:
             metrics.serve(exporter.port, "127.0.0.1", pool=lambda: pool)
     finally:
         exporter.close()
+
+
+def test_the_sample_prometheus_files_parse_and_name_real_metrics() -> None:
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    source = "\n".join(p.read_text() for p in (root / "executor").rglob("*.py"))
+    config = yaml.safe_load((root / "docs/prometheus/prometheus.yml").read_text())
+    assert {job["job_name"] for job in config["scrape_configs"]} == {
+        "executor-dashboard",
+        "executor-worker",
+    }
+    rules = yaml.safe_load((root / "docs/prometheus/alerts.yml").read_text())
+    alerts = {r["alert"]: r["expr"] for g in rules["groups"] for r in g["rules"]}
+    assert {"ExecutorRunsStuck", "ExecutorOutboxBacklog", "ExecutorHighDropRate"} <= set(alerts)
+    for name in set(re.findall(r"executor_[a-z_]+", " ".join(alerts.values()))):
+        assert f'"{name.removesuffix("_total")}"' in source, name
