@@ -169,44 +169,33 @@ async def _act(call: Any, *args: Any) -> ActionResult:
     return result
 
 
-@router.post(
-    "/api/runs/{run_id}/cancel",
-    response_model=ActionResponse,
-    responses=ACTION_RESPONSES,
-    summary="Cancel a run and its unfinished steps",
-)
-async def cancel_run(
-    ctx: Context,
-    principal: Operator,
-    response: Response,
-    run_id: RunId,
-    idempotency_key: KeyHeader = None,
-    body: Annotated[ReasonRequest | None, Body()] = None,
-) -> ActionResponse:
-    body = body or ReasonRequest()
-    key = _key(body.idempotency_key, idempotency_key, "cancel")
-    result = await _act(ctx.actions.cancel, principal, run_id, key, body.reason)
-    return _respond(response, result)
+def _reason_action(action: str, summary: str) -> None:
+    """Cancel and pause: the same request (a key and a reason), another command."""
+
+    async def endpoint(
+        ctx: Context,
+        principal: Operator,
+        response: Response,
+        run_id: RunId,
+        idempotency_key: KeyHeader = None,
+        body: Annotated[ReasonRequest | None, Body()] = None,
+    ) -> ActionResponse:
+        body = body or ReasonRequest()
+        key = _key(body.idempotency_key, idempotency_key, action)
+        call = getattr(ctx.actions, action)
+        return _respond(response, await _act(call, principal, run_id, key, body.reason))
+
+    endpoint.__name__ = f"{action}_run"
+    router.post(
+        f"/api/runs/{{run_id}}/{action}",
+        response_model=ActionResponse,
+        responses=ACTION_RESPONSES,
+        summary=summary,
+    )(endpoint)
 
 
-@router.post(
-    "/api/runs/{run_id}/pause",
-    response_model=ActionResponse,
-    responses=ACTION_RESPONSES,
-    summary="Pause a run: nothing more is dispatched until it is resumed",
-)
-async def pause_run(
-    ctx: Context,
-    principal: Operator,
-    response: Response,
-    run_id: RunId,
-    idempotency_key: KeyHeader = None,
-    body: Annotated[ReasonRequest | None, Body()] = None,
-) -> ActionResponse:
-    body = body or ReasonRequest()
-    key = _key(body.idempotency_key, idempotency_key, "pause")
-    result = await _act(ctx.actions.pause, principal, run_id, key, body.reason)
-    return _respond(response, result)
+_reason_action("cancel", "Cancel a run and its unfinished steps")
+_reason_action("pause", "Pause a run: nothing more is dispatched until it is resumed")
 
 
 @router.post(
