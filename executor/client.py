@@ -18,6 +18,7 @@ import psycopg
 from pydantic import BaseModel, ConfigDict
 from redis import Redis
 
+from executor import observability
 from executor.commands.models import Command, CreateRun, SendEvent
 from executor.commands.state import RUN_TERMINAL
 from executor.errors import ExecutorError
@@ -155,6 +156,7 @@ class Client:
             concurrency_limit=concurrency_limit,
             on_conflict=on_conflict,
             idempotency_key=idempotency_key or f"create_run:{run_id}",
+            traceparent=observability.run_traceparent(workflow, run_id),  # observability
         )
         outcome = self.apply(command)
         if outcome.applied:

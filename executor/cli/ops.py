@@ -24,6 +24,13 @@ def register(sub: Any) -> None:
     p.add_argument("queues", nargs="*", help="queues in priority order (default: configured)")
     p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     p.add_argument("--worker-class", choices=("simple", "fork"), default=None)
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="N",
+        help="serve Prometheus metrics on this port (one per worker process)",
+    )
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port")
 
     p = verb("submit", cmd_submit, "start a run of WORKFLOW, or enqueue a raw --command")
     p.add_argument("workflow", nargs="?")
@@ -66,6 +73,7 @@ def register(sub: Any) -> None:
     p = verb("dashboard", cmd_dashboard, "serve the retry dashboard")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--public-metrics", action="store_true", help="serve /metrics without a token")
 
     p = verb("demo", cmd_demo, "run the demo: workers, ~200 runs, duplicates, a summary")
     p.add_argument("--runs", type=int, default=200)
@@ -103,15 +111,25 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from executor.transport.runtime import get_runtime
     from executor.transport.worker import run_worker
     from queue_config import load_settings
 
-    run_worker(
-        load_settings(),
-        queues=args.queues or None,
-        burst=args.burst,
-        worker_class=args.worker_class,
-    )
+    exporter = None
+    if args.metrics_port is not None:
+        from executor.observability.metrics import serve
+
+        exporter = serve(args.metrics_port, args.metrics_host, pool=lambda: get_runtime().pool)
+    try:
+        run_worker(
+            load_settings(),
+            queues=args.queues or None,
+            burst=args.burst,
+            worker_class=args.worker_class,
+        )
+    finally:
+        if exporter is not None:
+            exporter.close()
     return 0
 
 
@@ -286,7 +304,13 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from executor.dashboard.app import serve
 
     db, redis = _urls()
-    serve(host=args.host, port=args.port, database_url=db, redis_url=redis)
+    serve(
+        host=args.host,
+        port=args.port,
+        database_url=db,
+        redis_url=redis,
+        public_metrics=args.public_metrics,
+    )
     return 0
 
 

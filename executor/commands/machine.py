@@ -135,6 +135,7 @@ def _create_run(
         parent_run_id=command.parent_run_id,
         parent_step_key=command.parent_step_key,
         parent_attempt=command.parent_attempt,
+        traceparent=command.traceparent,
     )
     t = Transition(run, {}, source, now, lease_seconds, run_created=True)
     payload: dict[str, Any] = {
@@ -413,6 +414,7 @@ def _start_child(t: Transition, step: StepRow, command: SuspendStep, until: Awai
         parent_run_id=t.run.run_id,
         parent_step_key=step.step_key,
         parent_attempt=step.attempt,
+        traceparent=t.run.traceparent,  # one trace: the child's steps hang under the parent's
     )
     child = _create_run(create, t.now, t.lease_seconds, t.source)
     t.others.append(

@@ -26,11 +26,14 @@ from pydantic import (
 
 from executor.errors import InvalidCommand
 
-Identifier = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$")]
-StepKey = Annotated[
-    str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+(\[[0-9]{1,9}\])?$")
-]
-"""A step key; a map's item steps are named `<map>[<index>]`."""
+# Run ids, step keys, workflow and queue names appear in URLs, logs and job ids. They start
+# with a letter, digit or `_` (so never `.`, `..` or something a CLI reads as an option) and
+# hold no path separator; step keys may also hold `[` `]`, for map items such as `resize[3]`.
+IDENTIFIER_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,199}$"
+STEP_KEY_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:\[\]\-]{0,199}$"
+Identifier = Annotated[str, Field(min_length=1, max_length=200, pattern=IDENTIFIER_PATTERN)]
+StepKey = Annotated[str, Field(min_length=1, max_length=200, pattern=STEP_KEY_PATTERN)]
+TRACEPARENT_PATTERN = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 Fence = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
 """The token of one delivery: who owns a started attempt."""
 Key = Annotated[str, Field(min_length=1, max_length=300)]
@@ -59,8 +62,8 @@ class StepSpec(_Model):
     creates one `item` step per element of its output.
     """
 
-    step_key: Identifier
-    depends_on: tuple[Identifier, ...] = ()
+    step_key: StepKey
+    depends_on: tuple[StepKey, ...] = ()
     max_attempts: Annotated[int, Field(ge=1, le=1000)] = 3
     queue: Identifier = "default"
     timeout_seconds: Annotated[float, Field(gt=0, le=86_400)] | None = None
@@ -152,6 +155,8 @@ class CreateRun(_CommandBase):
     parent_run_id: Identifier | None = None
     parent_step_key: StepKey | None = None
     parent_attempt: Attempt | None = None
+    # W3C trace context of the caller, stored with the run: every step span is its child.
+    traceparent: Annotated[str, Field(pattern=TRACEPARENT_PATTERN)] | None = None
 
 
 class StartRun(_CommandBase):

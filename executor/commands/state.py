@@ -66,6 +66,7 @@ class RunRow:
     parent_run_id: str | None = None
     parent_step_key: str | None = None
     parent_attempt: int | None = None
+    traceparent: str | None = None
 
 
 @dataclass

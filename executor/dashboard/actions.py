@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -124,6 +125,19 @@ class InvalidAction(ValueError):
     """The request could not become a command (bad id, key too long…)."""
 
 
+class CountChanged(Exception):
+    """A bulk retry was told how many steps to expect, and the filter now matches another
+    number: nothing was retried (preview again, then confirm)."""
+
+    def __init__(self, expected: int, matched: int) -> None:
+        super().__init__(
+            f"expected {expected} failed step(s) but the filter now matches {matched}; "
+            "nothing was retried"
+        )
+        self.expected = expected
+        self.matched = matched
+
+
 class Actions:
     def __init__(self, apply: Apply, pool: queries.Pool, metrics: DashboardMetrics) -> None:
         self._apply = apply
@@ -169,16 +183,25 @@ class Actions:
     # -- many steps -------------------------------------------------------------------------
 
     def bulk_retry(
-        self, principal: Principal, f: queries.FailedFilter, key: str, limit: int
+        self,
+        principal: Principal,
+        f: queries.FailedFilter,
+        key: str,
+        limit: int,
+        *,
+        expect: int | None = None,
     ) -> BulkResult:
         """Retry every retryable failed step matching `f` (up to `limit`), oldest first.
 
         Each step gets a key derived from the bulk key, so submitting the same bulk form
-        twice retries each step once.
+        twice retries each step once. With `expect` (the count a preview showed), a filter
+        that now matches another number retries nothing and raises CountChanged.
         """
         if not key or len(key) > 200:
             raise InvalidAction("idempotency_key must be 1..200 characters")
         steps = queries.retryable_failed_steps(self.pool, f, limit)
+        if expect is not None and len(steps) != expect:
+            raise CountChanged(expect, len(steps))
         result = BulkResult(idempotency_key=key, matched=len(steps), limit=limit)
         for step in steps:
             one = self.retry(
@@ -227,11 +250,13 @@ class Actions:
             "step_key": step_key,
             "idempotency_key": key,
         }
-        with self.metrics.actions.time(action=action, outcome="error") as timer:
+        started = time.perf_counter()
+        label = "error"
+        try:
             try:
                 outcome = self._apply(command)
             except ConcurrencyKeyTaken as exc:
-                timer.labels["outcome"] = "concurrency_key_taken"
+                label = "concurrency_key_taken"
                 return ActionResult(
                     **base,
                     applied=False,
@@ -243,7 +268,7 @@ class Actions:
                     holder_run_id=exc.holder_run_id,
                 )
             except LedgerBusy as exc:
-                timer.labels["outcome"] = "busy"
+                label = "busy"
                 return ActionResult(
                     **base,
                     applied=False,
@@ -256,7 +281,9 @@ class Actions:
             except Exception as exc:
                 log.exception("%s failed", command.describe())
                 return self._after_error(base, exc)
-            timer.labels["outcome"] = "applied" if outcome.applied else str(outcome.reason)
+            label = "applied" if outcome.applied else str(outcome.reason)
+        finally:
+            self.metrics.observe_action(action, label, time.perf_counter() - started)
         log.info("%s by dashboard: %s", command.describe(), outcome.summary())
         return self._explain(base, outcome, seen_attempt)
 

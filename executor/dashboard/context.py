@@ -14,6 +14,8 @@ from executor.dashboard.actions import Actions
 from executor.dashboard.auth import TokenAuthority
 from executor.dashboard.metrics import DashboardMetrics
 from executor.dashboard.models import TransportSnapshot
+from executor.dashboard.ratelimit import FailureLimiter
+from executor.dashboard.sessions import SessionManager
 from executor.dashboard.settings import DashboardSettings
 from executor.ledger.outcome import Outcome
 
@@ -32,6 +34,8 @@ class Backend(Protocol):
 class DashboardContext:
     settings: DashboardSettings
     authority: TokenAuthority
+    sessions: SessionManager
+    limiter: FailureLimiter
     metrics: DashboardMetrics
     templates: Jinja2Templates
     pool: ConnectionPool[Any]

@@ -1,110 +1,46 @@
-"""`GET /metrics`: the ledger, the queues and the dashboard itself in Prometheus text format.
+"""`GET /metrics`: the ledger, the queues and the dashboard itself, with prometheus_client.
 
-- Runs and steps by status, drops by reason, the outbox backlog and expired leases come
-  from SQL (whole-table counts, cached for a few seconds so many scrapers cost one query).
+- Runs and steps by status, drops by reason, stuck runs, the outbox backlog and expired
+  leases come from SQL (whole-table counts, cached for a few seconds so many scrapers cost
+  one query), read by a custom collector at scrape time.
 - Queue depths and workers come from RQ.
 - Action latency (every `apply()` the dashboard makes, by action and outcome) and request
-  latency (by route template) are histograms kept in this process.
-- psycopg pool statistics (`get_stats()`) of the dashboard's read pool and of the client pool
-  that commits actions.
+  latency (by route template, a fixed method set and status class) are histograms.
+- psycopg pool statistics (`get_stats()`) of the dashboard's pools.
 
-Hand-written exposition (format 0.0.4): no extra dependency for a dozen series.
+Each app has a registry of its own, so several apps in one process (tests, embedders) do
+not share or collide. Every label value comes from a fixed set or from the ledger's own
+vocabulary; nothing a client sends becomes a label.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
 from executor.commands.state import DROP_REASONS, RUN_STATUSES, STEP_STATUSES
+from executor.dashboard.ledger_stats import LedgerCounts
 from executor.dashboard.models import TransportSnapshot
-from executor.dashboard.queries import LedgerCounts
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+log = logging.getLogger("executor.dashboard")
 
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-Labels = tuple[tuple[str, str], ...]
 
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(labels: Labels) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels) + "}"
-
-
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer():
-        return str(int(value))
-    return repr(float(value))
-
-
-class Histogram:
-    """A thread-safe cumulative histogram with a fixed label set."""
-
-    def __init__(self, name: str, help_: str, label_names: Sequence[str]) -> None:
-        self.name = name
-        self.help = help_
-        self.label_names = tuple(label_names)
-        self.buckets = LATENCY_BUCKETS
-        self._lock = threading.Lock()
-        self._series: dict[Labels, tuple[list[int], list[float]]] = {}
-
-    def observe(self, value: float, **labels: str) -> None:
-        key: Labels = tuple((n, labels[n]) for n in self.label_names)
-        with self._lock:
-            counts, total = self._series.setdefault(key, ([0] * len(self.buckets), [0.0, 0.0]))
-            for i, bound in enumerate(self.buckets):
-                if value <= bound:
-                    counts[i] += 1
-            total[0] += value
-            total[1] += 1
-
-    def time(self, **labels: str) -> _Timer:
-        return _Timer(self, labels)
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        with self._lock:
-            series = sorted((k, (list(c), list(t))) for k, (c, t) in self._series.items())
-        for labels, (counts, (total, count)) in series:
-            for bound, n in zip(self.buckets, counts, strict=True):
-                lines.append(f"{self.name}_bucket{_labels((*labels, ('le', _number(bound))))} {n}")
-            lines.append(f"{self.name}_bucket{_labels((*labels, ('le', '+Inf')))} {int(count)}")
-            lines.append(f"{self.name}_sum{_labels(labels)} {_number(total)}")
-            lines.append(f"{self.name}_count{_labels(labels)} {int(count)}")
-        return lines
-
-
-@dataclass
-class _Timer:
-    histogram: Histogram
-    labels: dict[str, str]
-    start: float = 0.0
-
-    def __enter__(self) -> _Timer:
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.histogram.observe(time.perf_counter() - self.start, **self.labels)
-
-
-def gauge(
-    name: str, help_: str, samples: Iterable[tuple[Labels, float]], kind: str = "gauge"
-) -> list[str]:
-    lines = [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
-    lines.extend(f"{name}{_labels(labels)} {_number(value)}" for labels, value in samples)
-    return lines
+@dataclass(frozen=True)
+class Scrape:
+    counts: LedgerCounts | None
+    transport: TransportSnapshot
+    pools: Mapping[str, Mapping[str, int]]
 
 
 class TTLCache:
@@ -125,109 +61,151 @@ class TTLCache:
 
 
 class DashboardMetrics:
-    """The histograms this process keeps, and the rendering of a full scrape."""
-
     def __init__(self, cache_seconds: float = 5.0) -> None:
+        self.registry = CollectorRegistry()
         self.actions = Histogram(
             "executor_dashboard_action_duration_seconds",
             "Time of commands applied by the dashboard (retry, cancel, pause, resume), "
             "commit and push included, by action and outcome.",
             ("action", "outcome"),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.requests = Histogram(
             "executor_dashboard_request_duration_seconds",
             "Time to serve dashboard HTTP requests, by route template, method and status class.",
             ("route", "method", "status"),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.ledger_cache = TTLCache(cache_seconds)
+        self._source: Callable[[], Scrape] | None = None
+        self.registry.register(_LedgerCollector(self))
 
-    def render(
-        self,
-        counts: LedgerCounts | None,
-        transport: TransportSnapshot,
-        pools: Mapping[str, Mapping[str, int]],
-        database_error: str | None = None,
-    ) -> str:
-        out: list[str] = []
-        out += gauge(
+    def bind(self, source: Callable[[], Scrape]) -> None:
+        """Where the scrape-time numbers come from (set once the app has its pools)."""
+        self._source = source
+
+    def observe_request(self, route: str, method: str, status: str, seconds: float) -> None:
+        self.requests.labels(route, method, status).observe(seconds)
+
+    def observe_action(self, action: str, outcome: str, seconds: float) -> None:
+        self.actions.labels(action, outcome).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def scrape(self) -> Scrape | None:
+        return None if self._source is None else self._source()
+
+
+def _gauge(name: str, help_: str, label: str, values: Mapping[str, float]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, help_, labels=[label])
+    for key, value in values.items():
+        family.add_metric([key], value)
+    return family
+
+
+class _LedgerCollector:
+    def __init__(self, metrics: DashboardMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        scrape = self._metrics.scrape()
+        if scrape is None:
+            return
+        counts = scrape.counts
+        yield GaugeMetricFamily(
             "executor_database_up",
             "1 if the dashboard could read the ledger for this scrape.",
-            [((), 0 if counts is None else 1)],
+            value=0 if counts is None else 1,
         )
         if counts is not None:
-            out += gauge(
-                "executor_runs",
-                "Runs in the ledger by status.",
-                [((("status", s),), counts.runs.get(s, 0)) for s in RUN_STATUSES],
-            )
-            out += gauge(
-                "executor_steps",
-                "Steps in the ledger by status.",
-                [((("status", s),), counts.steps.get(s, 0)) for s in STEP_STATUSES],
-            )
-            out += gauge(
-                "executor_drops_total",
-                "Deliveries dropped by the handler, by reason.",
-                [((("reason", r),), counts.drops.get(r, 0)) for r in DROP_REASONS],
-                kind="counter",
-            )
-            h = counts.health
-            out += gauge(
-                "executor_outbox_pending",
-                "Follow-up commands committed but not yet confirmed pushed to Redis.",
-                [((), h.outbox_pending)],
-            )
-            out += gauge(
-                "executor_outbox_oldest_age_seconds",
-                "Age of the oldest outbox row (0 when empty).",
-                [((), h.outbox_oldest_seconds or 0.0)],
-            )
-            out += gauge(
-                "executor_leases_expired",
-                "Running attempts whose lease has expired and await the reaper.",
-                [((), h.leases_expired)],
-            )
-        out += gauge(
+            yield from _ledger(counts)
+        transport = scrape.transport
+        yield GaugeMetricFamily(
             "executor_redis_up",
             "1 if the dashboard could read RQ's queues and workers for this scrape.",
-            [((), 1 if transport.ok else 0)],
+            value=1 if transport.ok else 0,
         )
         if transport.ok:
-            samples: list[tuple[Labels, float]] = []
-            for q in transport.queues:
-                for state in ("queued", "started", "failed", "scheduled", "deferred"):
-                    samples.append(((("queue", q.name), ("state", state)), getattr(q, state)))
-            out += gauge("executor_queue_jobs", "RQ jobs per queue and registry.", samples)
-            by_state: dict[str, int] = {}
-            for w in transport.workers:
-                by_state[w.state] = by_state.get(w.state, 0) + 1
-            out += gauge(
-                "executor_workers",
-                "Registered RQ workers by state.",
-                [((("state", s),), n) for s, n in sorted(by_state.items())],
-            )
-            out += gauge(
-                "executor_worker_heartbeat_age_seconds",
-                "Seconds since each worker's last heartbeat.",
-                [
-                    ((("worker", w.name),), w.heartbeat_age_seconds)
-                    for w in transport.workers
-                    if w.heartbeat_age_seconds is not None
-                ],
-            )
-        pool_samples: dict[str, list[tuple[Labels, float]]] = {}
-        for pool_name, stats in sorted(pools.items()):
-            for stat, value in sorted(stats.items()):
-                name = stat.removeprefix("pool_")
-                pool_samples.setdefault(name, []).append(((("pool", pool_name),), value))
-        for stat, samples in sorted(pool_samples.items()):
-            out += gauge(
-                f"executor_db_pool_{stat}",
-                f"psycopg_pool get_stats() {stat}.",
-                samples,
-            )
-        out += self.actions.render()
-        out += self.requests.render()
-        if database_error:
-            out.append(f"# database error: {database_error.splitlines()[0][:200]}")
-        return "\n".join(out) + "\n"
+            yield from _transport(transport)
+        yield from _pools(scrape.pools)
+
+
+def _ledger(counts: LedgerCounts) -> Iterator[Metric]:
+    yield _gauge(
+        "executor_runs",
+        "Runs in the ledger by status.",
+        "status",
+        {s: counts.runs.get(s, 0) for s in sorted({*RUN_STATUSES, *counts.runs})},
+    )
+    yield _gauge(
+        "executor_steps",
+        "Steps in the ledger by status.",
+        "status",
+        {s: counts.steps.get(s, 0) for s in sorted({*STEP_STATUSES, *counts.steps})},
+    )
+    drops = CounterMetricFamily(
+        "executor_drops", "Deliveries dropped by the handler, by reason.", labels=["reason"]
+    )
+    for reason in sorted({*DROP_REASONS, *counts.drops}):
+        drops.add_metric([reason], counts.drops.get(reason, 0))
+    yield drops
+    yield GaugeMetricFamily(
+        "executor_runs_stuck",
+        "Runs that are not terminal with nothing queued, running, waiting or in the outbox, "
+        "unchanged for a while (counted up to 1000).",
+        value=counts.stuck_runs,
+    )
+    h = counts.health
+    yield GaugeMetricFamily(
+        "executor_outbox_pending",
+        "Follow-up commands committed but not yet confirmed pushed to Redis.",
+        value=h.outbox_pending,
+    )
+    yield GaugeMetricFamily(
+        "executor_outbox_oldest_age_seconds",
+        "Age of the oldest outbox row (0 when empty).",
+        value=h.outbox_oldest_seconds or 0.0,
+    )
+    yield GaugeMetricFamily(
+        "executor_leases_expired",
+        "Running attempts whose lease has expired and await the reaper.",
+        value=h.leases_expired,
+    )
+
+
+def _transport(transport: TransportSnapshot) -> Iterator[Metric]:
+    jobs = GaugeMetricFamily(
+        "executor_queue_jobs", "RQ jobs per queue and registry.", labels=["queue", "state"]
+    )
+    for q in transport.queues:
+        for state in ("queued", "started", "failed", "scheduled", "deferred"):
+            jobs.add_metric([q.name, state], getattr(q, state))
+    yield jobs
+    by_state: dict[str, float] = {}
+    for w in transport.workers:
+        by_state[w.state] = by_state.get(w.state, 0) + 1
+    yield _gauge("executor_workers", "Registered RQ workers by state.", "state", by_state)
+    yield _gauge(
+        "executor_worker_heartbeat_age_seconds",
+        "Seconds since each worker's last heartbeat.",
+        "worker",
+        {
+            w.name: w.heartbeat_age_seconds
+            for w in transport.workers
+            if w.heartbeat_age_seconds is not None
+        },
+    )
+
+
+def _pools(pools: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]:
+    by_stat: dict[str, dict[str, float]] = {}
+    for pool_name, stats in sorted(pools.items()):
+        for stat, value in sorted(stats.items()):
+            by_stat.setdefault(stat.removeprefix("pool_"), {})[pool_name] = value
+    for stat, samples in sorted(by_stat.items()):
+        yield _gauge(
+            f"executor_db_pool_{stat}", f"psycopg_pool get_stats() {stat}.", "pool", samples
+        )

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
@@ -26,7 +25,6 @@ from executor.dashboard.models import (
     Drop,
     Event,
     FailedStep,
-    LedgerHealth,
     Run,
     RunSummary,
     Step,
@@ -69,15 +67,22 @@ class Cursor:
                 raise BadCursor("wrong shape")
             values: list[Any] = []
             for kind, value in zip(kinds, raw, strict=True):
-                if kind is datetime:
+                if kind is datetime and isinstance(value, str):
                     values.append(datetime.fromisoformat(value))
-                elif kind is int:
-                    values.append(int(value))
+                elif _fits(kind, value):
+                    values.append(value)
                 else:
-                    values.append(str(value))
-        except (ValueError, TypeError) as exc:
+                    raise BadCursor(f"a {kind.__name__} cannot be {value!r:.40}")
+        except (ValueError, TypeError, RecursionError) as exc:
             raise BadCursor(f"bad cursor {text[:40]!r}") from exc
         return cls(tuple(values))
+
+
+def _fits(kind: type, value: Any) -> bool:
+    """An int the database's bigint holds, or text it can store (no NUL)."""
+    if kind is int:
+        return type(value) is int and -(2**63) <= value < 2**63
+    return kind is str and isinstance(value, str) and "\x00" not in value
 
 
 @dataclass(frozen=True)
@@ -479,62 +484,3 @@ def list_drops(pool: Pool, f: DropFilter, req: PageRequest) -> Page[Drop]:
         ("drop_id",),
     )
     return Page([Drop.from_row(r) for r in rows], nxt, prev)
-
-
-# --- health and metrics ------------------------------------------------------------------
-
-
-def ledger_health(pool: Pool) -> LedgerHealth:
-    with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            "SELECT count(*) AS n, EXTRACT(EPOCH FROM now() - min(created_at))::float8 AS oldest"
-            " FROM executor.outbox"
-        )
-        outbox = cur.fetchone() or {}
-        cur.execute(
-            "SELECT status, count(*) AS n FROM executor.steps"
-            " WHERE status IN ('queued', 'retrying') GROUP BY status"
-        )
-        waiting = {r["status"]: r["n"] for r in cur.fetchall()}
-        cur.execute(
-            "SELECT count(*) AS n, count(*) FILTER (WHERE lease_expires_at < now()) AS expired"
-            " FROM executor.steps WHERE status = 'running'"
-        )
-        running = cur.fetchone() or {}
-    return LedgerHealth(
-        outbox_pending=outbox.get("n") or 0,
-        outbox_oldest_seconds=outbox.get("oldest"),
-        steps_queued=waiting.get("queued", 0),
-        steps_retrying=waiting.get("retrying", 0),
-        steps_running=running.get("n") or 0,
-        leases_expired=running.get("expired") or 0,
-    )
-
-
-@dataclass(frozen=True)
-class LedgerCounts:
-    runs: dict[str, int]
-    steps: dict[str, int]
-    drops: dict[str, int]
-    health: LedgerHealth
-
-
-def ledger_counts(pool: Pool) -> LedgerCounts:
-    """Whole-table counts for /metrics (cached by the caller; never on a page)."""
-    with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        cur.execute("SELECT status, count(*) AS n FROM executor.runs GROUP BY status")
-        runs = {r["status"]: r["n"] for r in cur.fetchall()}
-        cur.execute("SELECT status, count(*) AS n FROM executor.steps GROUP BY status")
-        steps = {r["status"]: r["n"] for r in cur.fetchall()}
-        cur.execute("SELECT reason, count(*) AS n FROM executor.drops GROUP BY reason")
-        drops = {r["reason"]: r["n"] for r in cur.fetchall()}
-    return LedgerCounts(runs, steps, drops, ledger_health(pool))
-
-
-def ping(pool: Pool) -> None:
-    with pool.connection() as conn:
-        conn.execute("SELECT 1")
-
-
-def is_database_error(exc: BaseException) -> bool:
-    return isinstance(exc, psycopg.Error)

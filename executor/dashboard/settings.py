@@ -1,16 +1,21 @@
 """Dashboard settings: who may look, who may act, and how the pages behave.
 
 Tokens come from the environment (never from code): `EXECUTOR_DASHBOARD_VIEWER_TOKENS` and
-`EXECUTOR_DASHBOARD_OPERATOR_TOKENS`, comma-separated. `EXECUTOR_DASHBOARD_SECRET_KEY` signs
-session cookies; when unset a random key is drawn per process, so sessions end when the
+`EXECUTOR_DASHBOARD_OPERATOR_TOKENS`, comma-separated. A token must be long and random enough
+to guess by no means (length and an entropy estimate are checked). `EXECUTOR_DASHBOARD_SECRET_KEY`
+signs session cookies; when unset a random key is drawn per process, so sessions end when the
 dashboard restarts (set it to keep operators logged in across restarts or replicas).
+`EXECUTOR_DASHBOARD_ALLOWED_HOSTS` names the `Host` values the dashboard answers besides the
+loopback ones (a DNS-rebinding page reaches 127.0.0.1 under a name of its own).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import secrets
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -21,8 +26,12 @@ VIEWER_TOKENS_ENV = "EXECUTOR_DASHBOARD_VIEWER_TOKENS"
 OPERATOR_TOKENS_ENV = "EXECUTOR_DASHBOARD_OPERATOR_TOKENS"
 SECRET_KEY_ENV = "EXECUTOR_DASHBOARD_SECRET_KEY"  # noqa: S105 - a variable name
 SECURE_COOKIES_ENV = "EXECUTOR_DASHBOARD_SECURE_COOKIES"
+ALLOWED_HOSTS_ENV = "EXECUTOR_DASHBOARD_ALLOWED_HOSTS"
 
-MIN_TOKEN_LENGTH = 16
+MIN_TOKEN_LENGTH = 20
+MIN_TOKEN_BITS = 80.0
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+GENERATE_HINT = "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(24))'"
 
 
 @dataclass(frozen=True)
@@ -44,13 +53,26 @@ class DashboardSettings:
     metrics_cache_seconds: float = 5.0
     statement_timeout_ms: int = 5000
     read_pool_size: int = 4
+    allowed_hosts: tuple[str, ...] = ()
+    auth_failures_per_minute: int = 20
+    stuck_after_seconds: float = 600.0
 
     def __post_init__(self) -> None:
         _check_tokens(self.viewer_tokens, self.operator_tokens)
-        if len(self.secret_key) < 16:
-            raise ConfigurationError("the dashboard secret key must be at least 16 bytes")
+        if len(self.secret_key) < 16 or estimated_bits(self.secret_key.decode("latin-1")) < 64:
+            raise ConfigurationError(
+                "the dashboard secret key must be at least 16 bytes of random text; "
+                + GENERATE_HINT
+            )
         if not 1 <= self.page_size <= 500:
             raise ConfigurationError("page_size must be between 1 and 500")
+        if not 1 <= self.bulk_retry_limit <= 500:
+            raise ConfigurationError("bulk_retry_limit must be between 1 and 500")
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """Every `Host` the dashboard answers: the loopback names and the configured ones."""
+        return (*LOOPBACK_HOSTS, *self.allowed_hosts)
 
     @property
     def has_tokens(self) -> bool:
@@ -70,6 +92,7 @@ class DashboardSettings:
             "operator_tokens": split_tokens(env.get(OPERATOR_TOKENS_ENV, "")),
             "secure_cookies": env.get(SECURE_COOKIES_ENV, "").strip().lower()
             in {"1", "true", "yes", "on"},
+            "allowed_hosts": split_tokens(env.get(ALLOWED_HOSTS_ENV, "")),
         }
         secret = env.get(SECRET_KEY_ENV, "").strip()
         if secret:
@@ -93,14 +116,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def estimated_bits(text: str) -> float:
+    """Shannon entropy of the characters times the length: a ceiling on what the text can
+    hold, low for `aaaa…` or `abab…`. A random URL-safe token of 32 characters gets ~150."""
+    if not text:
+        return 0.0
+    counts = Counter(text)
+    n = len(text)
+    return -sum(c / n * math.log2(c / n) for c in counts.values()) * n
+
+
 def _check_tokens(viewer: tuple[str, ...], operator: tuple[str, ...]) -> None:
     for token in (*viewer, *operator):
-        if len(token) < MIN_TOKEN_LENGTH:
+        if any(ch.isspace() for ch in token) or not token.isprintable() or not token.isascii():
             raise ConfigurationError(
-                f"dashboard tokens must be at least {MIN_TOKEN_LENGTH} characters "
-                "(generate one with: python -c 'import secrets; print(secrets.token_urlsafe(24))')"
+                "dashboard tokens must be printable ASCII without whitespace; " + GENERATE_HINT
             )
-        if any(ch.isspace() for ch in token):
-            raise ConfigurationError("dashboard tokens must not contain whitespace")
+        if len(token) < MIN_TOKEN_LENGTH or estimated_bits(token) < MIN_TOKEN_BITS:
+            raise ConfigurationError(
+                f"a dashboard token is too weak: it needs at least {MIN_TOKEN_LENGTH} "
+                f"characters and about {MIN_TOKEN_BITS:.0f} bits of randomness; " + GENERATE_HINT
+            )
     if set(viewer) & set(operator):
         raise ConfigurationError("a dashboard token cannot be both a viewer and an operator token")

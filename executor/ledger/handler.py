@@ -34,6 +34,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.types.json import Jsonb
 
+from executor import observability
 from executor.commands.machine import decide
 from executor.commands.models import Command, CreateRun, wire
 from executor.commands.state import TRANSIENT_REASONS, StepRow
@@ -115,9 +116,11 @@ class Ledger:
                     raise
                 last = exc
                 self.retries += 1
+                observability.ledger_retry(exc)  # observability
                 log.debug("retrying %s after %s", command.describe(), type(exc).__name__)
                 time.sleep(random.uniform(0, 0.002 * 2**attempt))
                 continue
+            observability.command_outcome(pending.outcome)  # observability
             if pending.error is not None:
                 raise pending.error
             return pending.outcome

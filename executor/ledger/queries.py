@@ -113,8 +113,8 @@ ANY_QUEUED = (
 INSERT_RUN = """
 INSERT INTO executor.runs
     (run_id, workflow, status, concurrency_key, concurrency_limit, concurrency_slot, input,
-     last_seq, parent_run_id, parent_step_key, parent_attempt, queue_position)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
+     last_seq, parent_run_id, parent_step_key, parent_attempt, traceparent, queue_position)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
         CASE WHEN %s THEN nextval('executor.run_queue_position') END)
 """
 

@@ -47,6 +47,7 @@ def run_from_row(row: dict[str, Any]) -> RunRow:
         parent_run_id=row["parent_run_id"],
         parent_step_key=row["parent_step_key"],
         parent_attempt=row["parent_attempt"],
+        traceparent=row.get("traceparent"),
     )
 
 

@@ -43,6 +43,7 @@ def write(
                 run.parent_run_id,
                 run.parent_step_key,
                 run.parent_attempt,
+                run.traceparent,
                 run.status == "queued",
             ),
         )
@@ -161,6 +162,7 @@ def _write_other(conn: Conn, other: OtherRun) -> None:
                 run.parent_run_id,
                 run.parent_step_key,
                 run.parent_attempt,
+                run.traceparent,
                 run.status == "queued",
             ),
         )

@@ -31,6 +31,7 @@ from typing import Any
 from rq import get_current_job
 from rq.job import Job
 
+from executor import observability
 from executor.commands.models import (
     COMMAND_TYPES,
     BackoffPolicy,
@@ -58,6 +59,7 @@ _PLACEHOLDER = [{"step_key": "_planned_by_worker"}]
 def deliver(command: dict[str, Any]) -> str:
     """RQ entry point: apply one command; returns a one-line account of what happened."""
     job = get_current_job()
+    observability.job_received(job)  # observability: the enqueue time, for queue wait
     if job is None:
         return handle(get_runtime(), command)
     return handle(get_runtime(), command, job_timeout=job.timeout, queue=job.origin, job=job)

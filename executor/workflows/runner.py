@@ -28,6 +28,7 @@ from types import TracebackType
 
 import psycopg
 
+from executor import observability
 from executor.commands.models import (
     BackoffPolicy,
     Command,
@@ -185,7 +186,9 @@ class StepRunner:
             may_continue = (
                 info.queue if info.timeout_seconds is None and time.monotonic() < deadline else None
             )
-            final = self._attempt(run_id, info, fence, may_continue)
+            final = observability.step_attempt(  # observability
+                self.ledger.pool, run_id, info, self._attempt, run_id, info, fence, may_continue
+            )
             if final is None:
                 return last
             ended = self.apply(final, rearm=on_continue)

@@ -6,7 +6,11 @@ shows states the executor can really reach.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
+import threading
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -205,3 +209,35 @@ def operator_browser(web: TestClient) -> TestClient:
     """Logged in with the operator token through the login form (session cookie)."""
     login(web, OPERATOR)
     return web
+
+
+@contextlib.contextmanager
+def live_server(settings: DashboardSettings) -> Iterator[str]:
+    """The dashboard under a real uvicorn on a free loopback port, stopped on exit."""
+    import uvicorn
+
+    client = Client(database_url=settings.database_url, redis_url=settings.redis_url)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    config = uvicorn.Config(
+        create_app(settings, backend=client),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+        client.close()

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+from prometheus_client import CONTENT_TYPE_LATEST
 from redis import Redis
 from starlette.testclient import TestClient
 
-from executor.dashboard.auth import FLASH_COOKIE
+from executor.dashboard.sessions import FLASH_COOKIE
 
 from .conftest import OPERATOR, Seeder, csrf_of, keys_of
 
@@ -272,7 +273,7 @@ def test_metrics_cover_ledger_queues_actions_and_pools(operator: TestClient, see
     operator.post(f"/api/runs/{run_id}/steps/fetch/retry", json={"idempotency_key": "m-1"})
     response = operator.get("/metrics")
     assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert response.headers["content-type"] == CONTENT_TYPE_LATEST
     text = response.text
     for line in (
         'executor_runs{status="running"} 1',
@@ -290,6 +291,6 @@ def test_metrics_cover_ledger_queues_actions_and_pools(operator: TestClient, see
     ):
         assert line in text, line
     assert 'route="/api/runs/{run_id}/steps/{step_key}/retry"' in text
-    viewer_token_free = TestClient(operator.app)
+    viewer_token_free = TestClient(operator.app, base_url="http://127.0.0.1")
     assert viewer_token_free.get("/metrics").status_code == 401
     assert OPERATOR not in text

@@ -8,11 +8,14 @@ import pytest
 from starlette.testclient import TestClient
 
 from executor.dashboard.app import create_app, prepare_settings
-from executor.dashboard.auth import SESSION_COOKIE, Role, TokenAuthority
+from executor.dashboard.auth import TokenAuthority
+from executor.dashboard.sessions import SESSION_COOKIE
 from executor.dashboard.settings import DashboardSettings
 from executor.errors import ConfigurationError
 
 from .conftest import OPERATOR, VIEWER, Seeder, csrf_of, keys_of, login
+
+SECRET = "kX2v9QpL7mN4rT8wZ1yB6cD3fG5hJ0sA"
 
 
 def test_no_token_gets_401_on_api_and_metrics_and_a_login_redirect_on_pages(
@@ -183,12 +186,12 @@ def test_tokens_come_from_the_environment() -> None:
         {
             "EXECUTOR_DASHBOARD_VIEWER_TOKENS": f" {VIEWER} , {VIEWER}x,",
             "EXECUTOR_DASHBOARD_OPERATOR_TOKENS": OPERATOR,
-            "EXECUTOR_DASHBOARD_SECRET_KEY": "s" * 32,
+            "EXECUTOR_DASHBOARD_SECRET_KEY": SECRET,
         }
     )
     assert settings.viewer_tokens == (VIEWER, VIEWER + "x")
     assert settings.operator_tokens == (OPERATOR,)
-    assert settings.secret_key == b"s" * 32
+    assert settings.secret_key == SECRET.encode()
 
 
 @pytest.mark.parametrize(
@@ -216,20 +219,28 @@ def test_without_tokens_the_app_refuses_and_serve_mints_one_only_on_loopback() -
     assert prepare_settings("0.0.0.0", configured) is configured
 
 
-def test_removing_a_token_ends_its_sessions() -> None:
-    key = b"k" * 32
-    before = TokenAuthority((VIEWER,), (OPERATOR,), key)
-    principal = before.authenticate(OPERATOR)
-    assert principal is not None
-    assert principal.role is Role.OPERATOR
-    cookie = before.dump_session(before.new_session(principal, 3600))
-    after = TokenAuthority((VIEWER,), (), key)
-    session = after.load_session(cookie)
-    assert session is not None
-    assert after.session_principal(session) is None
-    assert before.session_principal(before.load_session(cookie)) == principal.__class__(
-        Role.OPERATOR, principal.fingerprint, "session"
-    )
+def test_removing_a_token_ends_its_sessions(
+    settings: DashboardSettings, executor_client: object
+) -> None:
+    from dataclasses import replace
+
+    with TestClient(
+        create_app(settings, backend=executor_client),  # type: ignore[arg-type]
+        base_url="http://127.0.0.1",
+        follow_redirects=False,
+    ) as before:
+        login(before, OPERATOR)
+        cookie = before.cookies[SESSION_COOKIE]
+        assert before.get("/runs").status_code == 200
+    # The same key and the same session row, but the operator token is gone.
+    fewer = replace(settings, operator_tokens=(), viewer_tokens=settings.viewer_tokens)
+    with TestClient(
+        create_app(fewer, backend=executor_client),  # type: ignore[arg-type]
+        base_url="http://127.0.0.1",
+        follow_redirects=False,
+    ) as after:
+        after.cookies.set(SESSION_COOKIE, cookie)
+        assert after.get("/runs").status_code == 303
 
 
 def test_a_proxys_basic_auth_header_does_not_hide_the_session(web: TestClient) -> None:

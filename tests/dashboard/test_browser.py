@@ -11,10 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +22,9 @@ import pytest
 
 from executor.client import Client
 from executor.commands.models import CompleteStep, StartStep
-from executor.dashboard.app import create_app
 from executor.dashboard.settings import DashboardSettings
 
-from .conftest import OPERATOR, VIEWER, Seeder
+from .conftest import OPERATOR, VIEWER, Seeder, live_server
 from .scenario import populate
 
 pytestmark = pytest.mark.browser
@@ -63,18 +60,9 @@ def _chromium() -> str:
     pytest.skip(message)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def server(db_url: str, redis_url: str) -> Iterator[str]:
     """The dashboard under uvicorn on a free loopback port, refreshing every second."""
-    import uvicorn
-
     settings = DashboardSettings(
         database_url=db_url,
         redis_url=redis_url,
@@ -82,29 +70,8 @@ def server(db_url: str, redis_url: str) -> Iterator[str]:
         operator_tokens=(OPERATOR,),
         refresh_seconds=1.0,
     )
-    client = Client(database_url=db_url, redis_url=redis_url)
-    port = _free_port()
-    config = uvicorn.Config(
-        create_app(settings, backend=client),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        lifespan="on",
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-        client.close()
+    with live_server(settings) as url:
+        yield url
 
 
 @pytest.fixture
@@ -241,6 +208,7 @@ def test_viewer_sees_no_buttons_and_double_submit_retries_once(
     viewer.goto(f"{server}/login")
     viewer.fill("#token", VIEWER)
     viewer.click("button:has-text('Log in')")
+    viewer.wait_for_url(f"{server}/runs")
     viewer.goto(f"{server}/runs/{run_id}")
     viewer.wait_for_selector("#step-fetch")
     assert viewer.locator("button:has-text('Retry')").count() == 0
@@ -250,6 +218,7 @@ def test_viewer_sees_no_buttons_and_double_submit_retries_once(
     page.goto(f"{server}/login")
     page.fill("#token", OPERATOR)
     page.click("button:has-text('Log in')")
+    page.wait_for_url(f"{server}/runs")
     page.goto(f"{server}/runs/{run_id}")
     form = page.locator("#step-fetch form")
     key = form.locator("input[name=idempotency_key]").get_attribute("value")

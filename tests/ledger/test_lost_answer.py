@@ -34,8 +34,8 @@ from executor.commands.models import (
     CreateRun,
     PauseRun,
     StartRun,
-    parse_obj,
     StartStep,
+    parse_obj,
 )
 from executor.errors import StepTimeout
 from executor.ledger.handler import Ledger
@@ -84,12 +84,16 @@ def rows(db_url: str, sql: str, *params: Any) -> list[dict[str, Any]]:
 
 
 def steps(db_url: str, run_id: str) -> dict[str, tuple[str, int]]:
-    found = rows(db_url, "SELECT step_key, status, attempt FROM executor.steps WHERE run_id = %s", run_id)
+    found = rows(
+        db_url, "SELECT step_key, status, attempt FROM executor.steps WHERE run_id = %s", run_id
+    )
     return {r["step_key"]: (r["status"], r["attempt"]) for r in found}
 
 
 def run_status(db_url: str, run_id: str) -> str:
-    return str(rows(db_url, "SELECT status FROM executor.runs WHERE run_id = %s", run_id)[0]["status"])
+    return str(
+        rows(db_url, "SELECT status FROM executor.runs WHERE run_id = %s", run_id)[0]["status"]
+    )
 
 
 def owner_drops(db_url: str) -> list[str]:
@@ -128,7 +132,9 @@ def test_a_lost_answer_to_start_step_lets_the_retrying_sender_run_the_step(
     assert calls == [("r1", "first", 1), ("r1", "second", 1)]  # once each, attempt 1
     assert steps(db_url, "r1") == {"first": ("completed", 1), "second": ("completed", 1)}
     (owned,) = owner_drops(db_url)  # the log names the owner
-    assert owned.endswith("with outcome applied; delivery d1 still owns first attempt 1 and runs it")
+    assert owned.endswith(
+        "with outcome applied; delivery d1 still owns first attempt 1 and runs it"
+    )
     assert_verified(db_url)
 
 

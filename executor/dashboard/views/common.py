@@ -13,17 +13,23 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from executor.dashboard.auth import FLASH_COOKIE, current_principal, current_session
+from executor.dashboard.auth import current_principal
 from executor.dashboard.context import DashboardContext
 from executor.dashboard.queries import Cursor, PageRequest
+from executor.dashboard.sessions import FLASH_COOKIE, Session
 
 LIVE_HEADER = "x-live-fragment"
-_RELATIVE = re.compile(r"^\s*(\d{1,5})\s*([smhdw])\s*$")
+_RELATIVE = re.compile(r"\s*([0-9]{1,5})\s*([smhdw])\s*")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 class BadParameter(ValueError):
-    """A query parameter that cannot mean anything (a bad date, a bad cursor)."""
+    """A query parameter that cannot mean anything (a bad date, a bad cursor, a NUL)."""
+
+
+def current_session(request: Request) -> Session:
+    session: Session = request.state.session
+    return session
 
 
 def ctx(request: Request) -> DashboardContext:
@@ -42,6 +48,8 @@ def text_param(params: Mapping[str, str], name: str, limit: int = 500) -> str | 
     value = params.get(name, "").strip()
     if not value:
         return None
+    if "\x00" in value:
+        raise BadParameter(f"{name} contains a NUL character")
     if len(value) > limit:
         raise BadParameter(f"{name} is longer than {limit} characters")
     return value
@@ -54,21 +62,24 @@ def time_param(
     raw = params.get(name, "").strip()
     if not raw:
         return None
+    if len(raw) > 64:
+        raise BadParameter(f"{name} is longer than 64 characters")
     return parse_time(raw, name, now)
 
 
 def parse_time(raw: str, name: str = "time", now: datetime | None = None) -> datetime:
-    rel = _RELATIVE.match(raw)
+    rel = _RELATIVE.fullmatch(raw)
     if rel:
         seconds = int(rel.group(1)) * _UNITS[rel.group(2)]
         return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
     try:
         value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError as exc:
+        # In UTC now, so a time at the end of the calendar fails here, not in the driver.
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
         raise BadParameter(
             f"{name}: {raw!r} is neither an ISO time nor an age like 15m, 24h, 7d"
         ) from exc
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def int_param(params: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
@@ -83,7 +94,7 @@ def int_param(params: Mapping[str, str], name: str, default: int, lo: int, hi: i
 
 
 def page_request(
-    params: Mapping[str, str], kinds: tuple[type, ...], default_limit: int
+    params: Mapping[str, str], kinds: tuple[type, ...], default_limit: int = 50
 ) -> PageRequest:
     limit = int_param(params, "limit", default_limit, 1, 500)
     after = params.get("after", "").strip()
@@ -153,7 +164,7 @@ def render(
     values: dict[str, Any] = {
         "principal": principal,
         "can_act": principal is not None and principal.role >= 2,
-        "csrf_token": c.authority.csrf_token(session),
+        "csrf_token": c.sessions.csrf_token(session),
         "refresh_seconds": c.settings.refresh_seconds,
         "now": datetime.now(UTC),
         "path": request.url.path,
@@ -162,7 +173,7 @@ def render(
     }
     raw_flash = request.cookies.get(FLASH_COOKIE)
     if raw_flash and not is_live(request):
-        values["flash"] = c.authority.signer.loads("flash", raw_flash)
+        values["flash"] = c.sessions.load_flash(raw_flash)
     values.update(context or {})
     response = c.templates.TemplateResponse(request, template, values, status_code=status_code)
     response.headers["cache-control"] = "no-store"
@@ -174,7 +185,7 @@ def render(
 def set_flash(request: Request, response: Response, level: str, message: str, **extra: Any) -> None:
     """A one-shot message for the next page, signed so it cannot be forged by a link."""
     c = ctx(request)
-    value = c.authority.signer.dumps("flash", {"level": level, "message": message[:1500], **extra})
+    value = c.sessions.dump_flash({"level": level, "message": message[:1500], **extra})
     response.set_cookie(
         FLASH_COOKIE,
         value,

@@ -9,6 +9,7 @@ outcome as a one-shot flash message.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,21 +18,22 @@ from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from executor.commands.models import COMMAND_TYPES
+from executor.commands.models import COMMAND_TYPES, IDENTIFIER_PATTERN
 from executor.commands.state import DROP_REASONS, RUN_STATUSES
-from executor.dashboard import queries
+from executor.dashboard import ledger_stats, queries
 from executor.dashboard.actions import ActionResult, InvalidAction, new_key
 from executor.dashboard.auth import (
     CSRF_FIELD,
     Principal,
+    RateLimited,
     Role,
     check_csrf,
-    current_session,
     require,
 )
 from executor.dashboard.views.common import (
     BadParameter,
     ctx,
+    current_session,
     int_param,
     is_live,
     page_request,
@@ -45,6 +47,7 @@ from executor.dashboard.views.common import (
 from executor.dashboard.views.graph import layout
 
 RUN_STATUS_GROUPS = {"active": ("pending", "running", "paused")}
+_RUN_ID = re.compile(IDENTIFIER_PATTERN)
 
 
 # --- filters from query strings -------------------------------------------------------------
@@ -139,9 +142,11 @@ def run_page(request: Request) -> Response:
     c = ctx(request)
     run_id = request.path_params["run_id"]
     events_after = int_param(request.query_params, "events_after", 0, 0, 2**62)
-    detail = queries.get_run(
-        c.pool, run_id, events_after=events_after, events_limit=c.settings.events_page_size
-    )
+    detail = None
+    if _RUN_ID.fullmatch(run_id):  # no run can have another id, so none is looked up
+        detail = queries.get_run(
+            c.pool, run_id, events_after=events_after, events_limit=c.settings.events_page_size
+        )
     if detail is None:
         return render(
             request,
@@ -226,7 +231,7 @@ def queues_page(request: Request) -> Response:
     c = ctx(request)
     context = {
         "transport": c.transport(),
-        "ledger": queries.ledger_health(c.pool),
+        "ledger": ledger_stats.ledger_health(c.pool),
         "pools": c.pool_stats(),
         "live_url": "/queues",
         "failed_count": queries.count_failed_steps(c.pool),
@@ -417,11 +422,15 @@ def login_page(request: Request) -> Response:
 
 async def login_action(request: Request) -> Response:
     c = ctx(request)
+    client = request.state.client
+    wait = c.limiter.blocked_for(client)
+    if wait is not None:
+        raise RateLimited(wait)
     form = await request.form()
     token = _field(form, "token", 500)
     nxt = safe_next(_field(form, "next"), "/runs")
     csrf = form.get(CSRF_FIELD)
-    if not c.authority.csrf_ok(current_session(request), csrf if isinstance(csrf, str) else None):
+    if not c.sessions.csrf_ok(current_session(request), csrf if isinstance(csrf, str) else None):
         return render(
             request,
             "login.html",
@@ -430,6 +439,7 @@ async def login_action(request: Request) -> Response:
         )
     principal = c.authority.authenticate(token) if token else None
     if principal is None:
+        c.limiter.failed(client)
         return render(
             request,
             "login.html",
@@ -437,14 +447,27 @@ async def login_action(request: Request) -> Response:
             status_code=401,
         )
     # A new session id on login: a CSRF token planted before login is useless after it.
-    request.state.set_session = c.authority.new_session(principal, c.settings.session_max_age)
+    request.state.set_session = await run_in_threadpool(c.sessions.log_in, principal)
     return RedirectResponse(nxt, status_code=303)
 
 
 async def logout_action(request: Request) -> Response:
+    """End this session (its row goes, so a copied cookie dies with it); with
+    `everywhere=1`, an operator ends every browser session."""
     c = ctx(request)
     form = await request.form()
     csrf = form.get(CSRF_FIELD)
-    if c.authority.csrf_ok(current_session(request), csrf if isinstance(csrf, str) else None):
-        request.state.set_session = c.authority.new_session(None, c.settings.session_max_age)
+    session = current_session(request)
+    if not c.sessions.csrf_ok(session, csrf if isinstance(csrf, str) else None):
+        return render(
+            request,
+            "error.html",
+            {"title": "Not logged out", "message": "The form expired; reload and try again."},
+            status_code=403,
+        )
+    if _field(form, "everywhere") == "1":
+        require(request, Role.OPERATOR)
+        assert c.sessions.store is not None
+        await run_in_threadpool(c.sessions.store.delete_all)
+    request.state.set_session = await run_in_threadpool(c.sessions.log_out, session)
     return RedirectResponse("/login", status_code=303)

@@ -1,12 +1,21 @@
-"""Jinja2 setup: autoescaping everywhere, and the filters the templates use."""
+"""Jinja2 setup: autoescaping everywhere, bidi controls made visible, and the filters.
+
+Autoescaping stops markup, not deception: a right-to-left override (U+202E) in a step error
+or an input would make the text after it read backwards, so a failed `txt.exe` could show as
+`exe.txt`. Every value a template prints passes `visible_controls` first, which replaces the
+bidi controls with a visible `[U+202E]`.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import jinja2
+from markupsafe import Markup
 
 STATUS_TONE = {
     "completed": "ok",
@@ -75,8 +84,24 @@ def tone(status: str | None) -> str:
     return STATUS_TONE.get(status or "", "muted")
 
 
+_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible_controls(value: Any) -> Any:
+    """Text with its bidi controls shown as `[U+XXXX]`; markup we made is left alone."""
+    if isinstance(value, str) and not isinstance(value, Markup) and _BIDI.search(value):
+        return _BIDI.sub(lambda m: f"[U+{ord(m.group()):04X}]", value)
+    return value
+
+
+def urlpart(value: Any) -> str:
+    """One path segment: `resize[3]` becomes `resize%5B3%5D`, a `/` could not split it."""
+    return quote(str(value), safe="")
+
+
 def configure_environment(env: jinja2.Environment) -> None:
     env.autoescape = True
+    env.finalize = visible_controls
     env.undefined = jinja2.StrictUndefined
     env.filters.update(
         ago=ago,
@@ -86,5 +111,6 @@ def configure_environment(env: jinja2.Environment) -> None:
         pretty_json=pretty_json,
         shorten=shorten,
         tone=tone,
+        urlpart=urlpart,
     )
     env.globals["tone"] = tone
