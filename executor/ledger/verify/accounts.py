@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 
-from executor.ledger.verify.state import TRANSIENT_DROPS, Event
+from executor.ledger.verify.state import FINAL_DROPS, TRANSIENT_DROPS, Event
 
 # (rule, message, step_key, seq)
 Report = Callable[[str, str, str | None, int | None], None]
@@ -48,7 +49,7 @@ class RunAccounts:
         if found is not None:
             return found
         if key not in self._elsewhere:
-            with self.conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+            with self.conn.cursor(row_factory=dict_row) as cur:
                 self._elsewhere[key] = cur.execute(_RECEIPT_BY_KEY, (key,)).fetchone()
         return self._elsewhere[key]
 
@@ -85,6 +86,14 @@ class RunAccounts:
                 continue  # never became a command (I8): nothing to pair it with
             dropped[(key, reason)] += 1
             if reason in TRANSIENT_DROPS:
+                continue
+            if reason not in FINAL_DROPS:
+                self.report(
+                    "drop_reason",
+                    f"drop of key {key} has reason {reason!r}, neither final nor transient",
+                    d["step_key"],
+                    None,
+                )
                 continue
             receipt = self._receipt(key)
             if receipt is None:

@@ -1,7 +1,7 @@
 """Replay one run's log through the tables in rules.py, then hold the rows up against it.
 
-Fed one event at a time, so a run's events are never all in memory: what is kept is the
-run's rebuilt state (its steps), which the rows comparison needs anyway.
+Fed one event at a time; what it keeps is the run's rebuilt state (its steps), which the
+rows comparison needs anyway, and nothing of any other run.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ RUN_LIVE = frozenset({"pending", "queued", "running", "paused"})
 RUN_HOLDS_KEY = frozenset({"pending", "running", "paused"})
 
 STEP_TERMINAL = frozenset({"completed", "failed", "cancelled"})
-STEP_LIVE = frozenset({"pending", "queued", "running", "retrying", "sleeping", "waiting"})
 # A run may not fail while one of its steps is in one of these (DESIGN: "once none of its
 # steps is queued or running").
 STEP_IN_FLIGHT = frozenset({"queued", "running"})
