@@ -144,6 +144,16 @@ def test_a_map_over_an_empty_list_completes_at_once(ledger: Conn) -> None:
     assert_clean(check(ledger, _finish(_mapped(0))))
 
 
+def test_a_map_over_something_not_a_list_fails_from_pending(ledger: Conn) -> None:
+    log = Log().create()
+    log.start({"u": [], "m": ["u"]}, queue=("u",), specs={"m": MAP})
+    log.run_step("u", 1, E("step_failed", "m", 1, error={"type": "MapOverNotAList"}))
+    log.apply("x", E("run_failed", error={"message": "step m failed"}))
+    assert_clean(check(ledger, log))
+    task = Log("r2").create().start({"a": []}).apply("x2", E("step_failed", "a", 1, error={}))
+    assert found(check(ledger, task)) == [("transition", "r2", "a", 4)]
+
+
 def test_a_map_completed_before_its_items_is_flagged(ledger: Conn) -> None:
     log = _mapped(2).run_step("m[0]", 1, E("step_completed", "m", 0, output=[]))
     assert found(check(ledger, log)) == [("map_incomplete", "r1", "m", 16)]

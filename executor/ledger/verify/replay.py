@@ -312,8 +312,8 @@ class RunReplay:
         for step in run.steps.values():
             if step.status in STEP_MOVING and not (step.status == "waiting" and step.items_done):
                 return None
-        pending = run.first_step({"pending"})
-        done = run.first_step({"waiting"})
+        pending = run.first_step(frozenset({"pending"}))
+        done = run.first_step(frozenset({"waiting"}))  # only maps with all items done are left
         if done is not None:
             return done.key, f"map step {done.key} waits although all its items completed"
         counts = ", ".join(f"{n} {s}" for s, n in sorted(run.counts.items()) if n)

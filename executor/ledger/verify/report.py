@@ -18,6 +18,15 @@ class StopVerify(Exception):
     """Raised inside the scan once the caller asked to stop at the first violation."""
 
 
+def _where(run_id: str | None, step_key: str | None, seq: int | None) -> str:
+    where = f"run {run_id}"
+    if step_key:
+        where += f" step {step_key}"
+    if seq is not None:
+        where += f" seq {seq}"
+    return where
+
+
 @dataclass(frozen=True)
 class Violation:
     run_id: str | None
@@ -28,13 +37,8 @@ class Violation:
     rule: str = ""
 
     def __str__(self) -> str:
-        where = f"run {self.run_id}"
-        if self.step_key:
-            where += f" step {self.step_key}"
-        if self.seq is not None:
-            where += f" seq {self.seq}"
         name = f"{self.invariant}/{self.rule}" if self.rule else self.invariant
-        return f"{name} violated at {where}: {self.message}"
+        return f"{name} violated at {_where(self.run_id, self.step_key, self.seq)}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,7 @@ class Stuck:
     rule: str = "stuck"
 
     def __str__(self) -> str:
-        where = f"run {self.run_id}"
-        if self.step_key:
-            where += f" step {self.step_key}"
-        if self.seq is not None:
-            where += f" seq {self.seq}"
+        where = _where(self.run_id, self.step_key, self.seq)
         return f"stuck at {where} ({self.status}): {self.message}"
 
 

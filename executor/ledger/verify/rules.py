@@ -53,11 +53,14 @@ class StepEdge:
 # --- run checks ------------------------------------------------------------------------------
 
 
+_COMPLETED = frozenset({"completed"})
+_FAILED = frozenset({"failed"})
+
+
 def _all_steps_completed(run: RunState, ev: Event) -> Problem | None:
-    if run.counts["completed"] == len(run.steps):
+    step = run.first_outside(_COMPLETED)
+    if step is None:
         return None
-    step = run.first_step({s for s in run.counts if s != "completed" and run.counts[s]})
-    assert step is not None
     return Problem(
         "run",
         "run_completed_early",
@@ -88,7 +91,7 @@ def _a_step_failed(run: RunState, ev: Event) -> Problem | None:
 
 
 def _nothing_in_flight(run: RunState, ev: Event) -> Problem | None:
-    step = run.first_step(STEP_IN_FLIGHT) if any(run.counts[s] for s in STEP_IN_FLIGHT) else None
+    step = run.first_step(STEP_IN_FLIGHT)
     if step is None:
         return None
     return Problem(
@@ -97,11 +100,9 @@ def _nothing_in_flight(run: RunState, ev: Event) -> Problem | None:
 
 
 def _no_unfinished_steps(run: RunState, ev: Event) -> Problem | None:
-    done = sum(run.counts[s] for s in STEP_TERMINAL)
-    if done == len(run.steps):
+    step = run.first_outside(STEP_TERMINAL)
+    if step is None:
         return None
-    step = run.first_step({s for s in run.counts if s not in STEP_TERMINAL and run.counts[s]})
-    assert step is not None
     return Problem(
         "run",
         "run_cancelled_early",
@@ -210,7 +211,7 @@ def _nothing_failed(run: RunState, ev: Event, step: StepState) -> Problem | None
     """After a terminal failure only a manual retry dispatches (DESIGN: state machines)."""
     if not run.counts["failed"] or ev.manual:
         return None
-    failed = run.first_step({"failed"})
+    failed = run.first_step(_FAILED)
     assert failed is not None
     return Problem(
         "run",
@@ -300,7 +301,13 @@ STEP_EVENTS: dict[str, StepEdge] = {
         checks=(_map_only_from_pending, _upstream_completed, _map_items_completed),
         effects=(_record_completion,),
     ),
-    "step_failed": StepEdge({s: "failed" for s in _ENDED_BY}, outcome=True, fenced=True),
+    # A map whose upstream's output is no list fails straight from pending.
+    "step_failed": StepEdge(
+        {**{s: "failed" for s in _ENDED_BY}, "pending": "failed"},
+        outcome=True,
+        fenced=True,
+        checks=(_map_only_from_pending, _upstream_completed),
+    ),
     "step_retrying": StepEdge(
         {s: "retrying" for s in _ENDED_BY}, outcome=True, fenced=True, checks=(_within_budget,)
     ),

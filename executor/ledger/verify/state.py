@@ -154,9 +154,16 @@ class RunState:
         self.counts[to] += 1
         step.status = to
 
-    def first_step(self, statuses: frozenset[str] | set[str]) -> StepState | None:
-        """The first step (by key) in one of `statuses`; for messages, so O(steps) is fine."""
-        for key in sorted(self.steps):
-            if self.steps[key].status in statuses:
-                return self.steps[key]
-        return None
+    def first_step(self, statuses: frozenset[str]) -> StepState | None:
+        """The first step (by key) in one of `statuses`, found only when the counts say
+        there is one: the scan is for a message, the common answer is "none".
+        """
+        if not any(self.counts[s] for s in statuses):
+            return None
+        return next(s for _, s in sorted(self.steps.items()) if s.status in statuses)
+
+    def first_outside(self, statuses: frozenset[str]) -> StepState | None:
+        """The first step (by key) in none of `statuses`, if any."""
+        if sum(self.counts[s] for s in statuses) == len(self.steps):
+            return None
+        return next(s for _, s in sorted(self.steps.items()) if s.status not in statuses)
