@@ -15,6 +15,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_VIOLATION = 3
 EXIT_CONFLICT = 4
+EXIT_STUCK = 5  # verify: no rule broken, but a run cannot move
 
 
 def build_parser() -> argparse.ArgumentParser:

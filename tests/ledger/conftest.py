@@ -1,0 +1,5 @@
+"""Fixtures shared by the ledger tests."""
+
+from tests.ledger.handlog import ledger
+
+__all__ = ["ledger"]
