@@ -19,6 +19,8 @@ from executor.commands.state import RUN_TERMINAL
 from executor.errors import ExecutorError
 from executor.ledger.handler import Ledger
 from executor.ledger.outcome import Outcome
+from executor.schedules import store, ticker
+from executor.schedules.model import Catchup, Schedule
 from executor.storage.db import open_pool
 
 if TYPE_CHECKING:
@@ -192,3 +194,62 @@ class Client:
                 raise RunTimeout(f"run {run_id} is still {view.status} after {timeout:.0f}s")
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
+
+    # --- schedules: thin over executor.schedules, which the CLI and dashboard use too ------
+
+    def create_schedule(
+        self,
+        name: str,
+        cron: str,
+        workflow: str,
+        input: dict[str, Any] | None = None,
+        *,
+        timezone: str = "UTC",
+        catchup: Catchup = "latest",
+        paused: bool = False,
+        now: datetime | None = None,
+    ) -> Schedule:
+        """Start `workflow` with `input` at every tick of `cron` read in `timezone`.
+
+        The sweep leader starts each tick's run exactly once; `catchup` decides the ticks
+        missed while no worker ran ("none", "latest" or "all"). The first tick is the first
+        after `now` (default: the database clock). Raises ScheduleExists, InvalidSchedule.
+        """
+        return store.create(
+            self.pool,
+            name,
+            cron,
+            workflow,
+            input,
+            timezone=timezone,
+            catchup=catchup,
+            paused=paused,
+            now=now,
+        )
+
+    def get_schedule(self, name: str) -> Schedule | None:
+        return store.get(self.pool, name)
+
+    def list_schedules(self) -> list[Schedule]:
+        return store.list_all(self.pool)
+
+    def pause_schedule(self, name: str) -> Schedule:
+        """No tick of the schedule starts after this returns."""
+        return store.pause(self.pool, name)
+
+    def resume_schedule(self, name: str, *, now: datetime | None = None) -> Schedule:
+        """Ticks start again from the first after `now`; those missed while paused do not."""
+        return store.resume(self.pool, name, now=now)
+
+    def delete_schedule(self, name: str) -> None:
+        store.delete(self.pool, name)
+
+    def trigger_schedule(self, name: str, *, idempotency_key: str | None = None) -> str:
+        """Start one run of the schedule now, outside its ticks; returns its run id."""
+        return ticker.trigger(self, name, idempotency_key=idempotency_key).run_id
+
+    def backfill_schedule(
+        self, name: str, start: datetime, end: datetime, *, now: datetime | None = None
+    ) -> ticker.BackfillReport:
+        """Start every past tick in [start, end] not started yet; repeating it starts none."""
+        return ticker.backfill(self, name, start, end, now=now)

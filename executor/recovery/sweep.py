@@ -1,4 +1,5 @@
-"""One recovery sweep: the outbox relay, then the reaper, by one leader at a time.
+"""One recovery sweep: the outbox relay, the reaper, and due schedule ticks, by one leader
+at a time.
 
 Every worker calls `sweep` every `sweep_interval`; whoever gets the transaction-level
 advisory lock does the work and the others skip at once (`pg_try_advisory_xact_lock`, never
@@ -21,6 +22,7 @@ from psycopg_pool import ConnectionPool
 from executor.ledger.handler import Ledger
 from executor.recovery.reaper import ReapReport, reap
 from executor.recovery.relay import RelayReport, relay
+from executor.schedules.ticker import FireReport, fire_due
 from executor.storage.db import open_pool
 from executor.transport.dispatch import Dispatcher
 from queue_config import ExecutorSettings, load_settings
@@ -49,12 +51,17 @@ class SweepReport:
     leader: bool
     relay: RelayReport = field(default_factory=RelayReport)
     reap: ReapReport = field(default_factory=ReapReport)
+    schedules: FireReport | None = None
     seconds: float = 0.0
 
     @property
     def did_work(self) -> bool:
         r, p = self.relay, self.reap
-        return bool(r.claimed or p.expired or p.requeued or p.redispatched or p.restarted or p.busy)
+        fired = self.schedules is not None and self.schedules.did_work
+        return (
+            bool(r.claimed or p.expired or p.requeued or p.redispatched or p.restarted or p.busy)
+            or fired
+        )
 
     def __str__(self) -> str:
         if not self.leader:
@@ -66,6 +73,7 @@ class SweepReport:
             f"re-pushed {p.requeued} queued steps and {p.restarted} pending runs; "
             f"re-dispatched {p.redispatched} retries"
             f"{f'; {p.busy} commands hit a busy ledger' if p.busy else ''}"
+            f"{f'; {self.schedules}' if self.schedules is not None else ''}"
         )
 
 
@@ -82,7 +90,14 @@ def sweep(context: SweepContext, *, lock_timeout: float | None = None) -> SweepR
             return SweepReport(leader=False)
         relayed = relay(context.pool, context.dispatcher, settings)
         reaped = reap(context.pool, context.ledger, context.dispatcher, settings)
-    return SweepReport(leader=True, relay=relayed, reap=reaped, seconds=time.monotonic() - started)
+        fired = fire_due(context)
+    return SweepReport(
+        leader=True,
+        relay=relayed,
+        reap=reaped,
+        schedules=fired,
+        seconds=time.monotonic() - started,
+    )
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -60,3 +61,11 @@ def open_pool(
 def connect(url: str) -> psycopg.Connection[dict[str, Any]]:
     """A single autocommit connection, for CLI commands and tests."""
     return psycopg.connect(url, row_factory=dict_row, autocommit=True)
+
+
+def db_now(conn: psycopg.Connection[dict[str, Any]]) -> datetime:
+    """The database's clock: the one every process agrees on (schedules, retention)."""
+    row = conn.execute("SELECT now() AS now").fetchone()
+    assert row is not None
+    moment: datetime = row["now"]
+    return moment
