@@ -79,6 +79,10 @@ def register(sub: Any) -> None:
 
     verb("config", cmd_config, "print the effective settings")
 
+    from executor.cli import schedules
+
+    schedules.register(sub)
+
 
 def _urls() -> tuple[str, str]:
     from executor.config import resolve_urls
