@@ -79,9 +79,10 @@ def register(sub: Any) -> None:
 
     verb("config", cmd_config, "print the effective settings")
 
-    from executor.cli import schedules
+    from executor.cli import retention, schedules
 
     schedules.register(sub)
+    retention.register(sub)
 
 
 def _urls() -> tuple[str, str]:

@@ -1,5 +1,5 @@
-"""One recovery sweep: the outbox relay, the reaper, and due schedule ticks, by one leader
-at a time.
+"""One recovery sweep: the outbox relay, the reaper, due schedule ticks and retention, by
+one leader at a time.
 
 Every worker calls `sweep` every `sweep_interval`; whoever gets the transaction-level
 advisory lock does the work and the others skip at once (`pg_try_advisory_xact_lock`, never
@@ -22,6 +22,7 @@ from psycopg_pool import ConnectionPool
 from executor.ledger.handler import Ledger
 from executor.recovery.reaper import ReapReport, reap
 from executor.recovery.relay import RelayReport, relay
+from executor.retention.prune import PruneReport, prune_for_leader
 from executor.schedules.ticker import FireReport, fire_due
 from executor.storage.db import open_pool
 from executor.transport.dispatch import Dispatcher
@@ -52,15 +53,18 @@ class SweepReport:
     relay: RelayReport = field(default_factory=RelayReport)
     reap: ReapReport = field(default_factory=ReapReport)
     schedules: FireReport | None = None
+    pruned: PruneReport | None = None
     seconds: float = 0.0
 
     @property
     def did_work(self) -> bool:
         r, p = self.relay, self.reap
         fired = self.schedules is not None and self.schedules.did_work
+        pruned = self.pruned is not None and self.pruned.runs > 0
         return (
             bool(r.claimed or p.expired or p.requeued or p.redispatched or p.restarted or p.busy)
             or fired
+            or pruned
         )
 
     def __str__(self) -> str:
@@ -74,6 +78,7 @@ class SweepReport:
             f"re-dispatched {p.redispatched} retries"
             f"{f'; {p.busy} commands hit a busy ledger' if p.busy else ''}"
             f"{f'; {self.schedules}' if self.schedules is not None else ''}"
+            f"{f'; {self.pruned}' if self.pruned is not None and self.pruned.runs else ''}"
         )
 
 
@@ -91,11 +96,13 @@ def sweep(context: SweepContext, *, lock_timeout: float | None = None) -> SweepR
         relayed = relay(context.pool, context.dispatcher, settings)
         reaped = reap(context.pool, context.ledger, context.dispatcher, settings)
         fired = fire_due(context)
+        pruned = prune_for_leader(context)
     return SweepReport(
         leader=True,
         relay=relayed,
         reap=reaped,
         schedules=fired,
+        pruned=pruned,
         seconds=time.monotonic() - started,
     )
 
