@@ -53,8 +53,8 @@ LOCK_TIMEOUT_MS = 100
 _MAX_LOCK_RETRIES = 3
 
 # Deleted in this order, runs last; each is keyed by run_id. A table missing from the schema
-# (executor.run_events, before the migration that adds it) is skipped.
-CHILD_TABLES = ("receipts", "drops", "outbox", "run_events", "events", "steps")
+# (run_events and hooks, before the migration that adds them) is skipped.
+CHILD_TABLES = ("receipts", "drops", "outbox", "run_events", "hooks", "events", "steps")
 
 _PRUNABLE = """
 SELECT run_id FROM executor.runs

@@ -99,11 +99,8 @@ class TickPlan:
 
 
 @dataclass
-class FireReport:
-    now: datetime
+class TickReport:
     ticks: list[TickResult] = field(default_factory=list)
-    skipped: int = 0
-    errors: list[str] = field(default_factory=list)
 
     @property
     def started(self) -> int:
@@ -112,6 +109,20 @@ class FireReport:
     @property
     def duplicates(self) -> int:
         return sum(not t.started for t in self.ticks)
+
+
+@dataclass
+class BackfillReport(TickReport):
+    """The ticks of a range: each started now or found started before."""
+
+
+@dataclass(kw_only=True)
+class FireReport(TickReport):
+    """One leader pass: ticks started (or found started), missed ticks skipped, errors."""
+
+    now: datetime
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)
 
     @property
     def did_work(self) -> bool:
@@ -126,19 +137,6 @@ class FireReport:
         if self.errors:
             text += f", {len(self.errors)} error(s): {self.errors[0]}"
         return text
-
-
-@dataclass
-class BackfillReport:
-    ticks: list[TickResult] = field(default_factory=list)
-
-    @property
-    def started(self) -> int:
-        return sum(t.started for t in self.ticks)
-
-    @property
-    def duplicates(self) -> int:
-        return sum(not t.started for t in self.ticks)
 
 
 def plan(schedule: Schedule, now: datetime, *, grace: timedelta, max_ticks: int) -> TickPlan:
