@@ -24,6 +24,8 @@ from executor.commands.state import RUN_TERMINAL
 from executor.errors import ExecutorError
 from executor.ledger.handler import Ledger
 from executor.ledger.outcome import Outcome
+from executor.schedules import store, ticker
+from executor.schedules.model import Catchup, Schedule
 from executor.storage.db import open_pool
 
 if TYPE_CHECKING:
@@ -262,6 +264,65 @@ class Client:
                 ended.wait(min(left, 5.0))  # re-read now and then: a listener may reconnect
                 ended.clear()
 
+    # --- schedules: thin over executor.schedules, which the CLI and dashboard use too ------
+
+    def create_schedule(
+        self,
+        name: str,
+        cron: str,
+        workflow: str,
+        input: dict[str, Any] | None = None,
+        *,
+        timezone: str = "UTC",
+        catchup: Catchup = "latest",
+        paused: bool = False,
+        now: datetime | None = None,
+    ) -> Schedule:
+        """Start `workflow` with `input` at every tick of `cron` read in `timezone`.
+
+        The sweep leader starts each tick's run exactly once; `catchup` decides the ticks
+        missed while no worker ran ("none", "latest" or "all"). The first tick is the first
+        after `now` (default: the database clock). Raises ScheduleExists, InvalidSchedule.
+        """
+        return store.create(
+            self.pool,
+            name,
+            cron,
+            workflow,
+            input,
+            timezone=timezone,
+            catchup=catchup,
+            paused=paused,
+            now=now,
+        )
+
+    def get_schedule(self, name: str) -> Schedule | None:
+        return store.get(self.pool, name)
+
+    def list_schedules(self) -> list[Schedule]:
+        return store.list_all(self.pool)
+
+    def pause_schedule(self, name: str) -> Schedule:
+        """No tick of the schedule starts after this returns."""
+        return store.pause(self.pool, name)
+
+    def resume_schedule(self, name: str, *, now: datetime | None = None) -> Schedule:
+        """Ticks start again from the first after `now`; those missed while paused do not."""
+        return store.resume(self.pool, name, now=now)
+
+    def delete_schedule(self, name: str) -> None:
+        store.delete(self.pool, name)
+
+    def trigger_schedule(self, name: str, *, idempotency_key: str | None = None) -> str:
+        """Start one run of the schedule now, outside its ticks; returns its run id."""
+        return ticker.trigger(self, name, idempotency_key=idempotency_key).run_id
+
+    def backfill_schedule(
+        self, name: str, start: datetime, end: datetime, *, now: datetime | None = None
+    ) -> ticker.BackfillReport:
+        """Start every past tick in [start, end] not started yet; repeating it starts none."""
+        return ticker.backfill(self, name, start, end, now=now)
+
 
 class _EndedRuns:
     """One LISTEN connection per client, shared by every `wait` of its threads."""
@@ -303,14 +364,14 @@ class _EndedRuns:
                     self._ready.set()
                     self._wake_all()  # anything may have ended while we reconnected
                     while not self._closed.is_set():
-                        for note in conn.notifies(timeout=1.0):
+                        for note in conn.notifies(timeout=0.5):
                             with self._lock:
                                 events = list(self._watchers.get(note.payload, ()))
                             for event in events:
                                 event.set()
-            except psycopg.Error:
+            except Exception:  # the server went away, or was told to end us: listen again
                 self._ready.set()
-                time.sleep(0.5)
+                self._closed.wait(0.5)
 
     def _wake_all(self) -> None:
         with self._lock:
@@ -320,6 +381,8 @@ class _EndedRuns:
 
     def close(self) -> None:
         self._closed.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
 
 class _Watch:

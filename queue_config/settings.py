@@ -99,6 +99,8 @@ class ExecutorSettings(_Model):
     worker_class: Literal["simple", "fork"] = "simple"
     pool_size: Annotated[int, Field(ge=3, le=200)] = 4
     relay_batch_size: Annotated[int, Field(ge=1, le=100_000)] = 500
+    schedule_grace_seconds: Annotated[float, Field(ge=0, le=7 * 86_400)] = 60.0
+    retention_days: Annotated[float, Field(gt=0, le=36_500)] | None = None
     retry: RetrySettings = RetrySettings()
     public_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$", max_length=500)] = (
         "http://127.0.0.1:8080"
@@ -143,7 +145,9 @@ class ExecutorSettings(_Model):
         data = self.model_dump(mode="json")
         lines = ["# effective executor settings"]
         lines += [
-            f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict | list)
+            f"{k} = {_toml_value(v)}" if v is not None else f"# {k} is unset"
+            for k, v in data.items()
+            if not isinstance(v, dict | list)
         ]
         lines += [f"{k} = {_toml_value(v)}" for k, v in data.items() if _is_scalar_list(v)]
         for queue in data["queues"]:

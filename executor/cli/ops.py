@@ -91,6 +91,12 @@ def register(sub: Any) -> None:
 
     verb("config", cmd_config, "print the effective settings")
 
+    from executor.cli import retention, schedules, services
+
+    schedules.register(sub)
+    retention.register(sub)
+    services.register(sub)
+
 
 def _urls() -> tuple[str, str]:
     from executor.config import resolve_urls

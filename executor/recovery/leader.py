@@ -3,8 +3,9 @@
 Every worker process runs a `Leader` thread. Each tries, on a connection of its own, to take
 a session-level advisory lock; the one that holds it leads until its connection ends — a
 killed process loses it with its socket, and another takes over within one retry interval.
-The leader fires due timers every `timer_interval` (so a sleep ends within about that of
-its time), and runs the relay and reaper every `sweep_interval`.
+The leader fires due timers and starts due schedule ticks every `timer_interval` (so a
+sleep ends within about that of its time), and runs the relay, the reaper and retention
+every `sweep_interval`.
 
 A thread, not RQ's maintenance hook between jobs, so a worker busy in a long step (or a
 chain run in place) still leads on time.
@@ -83,7 +84,7 @@ class Leader:
         """One leader pass; returns how long to wait before the next."""
         ctx = self.context
         fire_timers(ctx.pool, ctx.ledger, ctx.dispatcher)
-        if time.monotonic() >= self._next_sweep:
+        if time.monotonic() >= self._next_sweep:  # the sweep starts due ticks too
             report = sweep_work(ctx)
             if report.did_work:
                 log.info("leader: %s", report)

@@ -1,4 +1,5 @@
-"""One recovery sweep — the outbox relay, then the reaper — by one leader at a time.
+"""One recovery sweep: the outbox relay, the reaper, due schedule ticks and retention, by
+one leader at a time.
 
 `Leader` (executor.recovery.leader) runs sweeps inside every worker process; `sweep_once`
 is `executor sweep`, a single pass from outside. Whoever gets the advisory lock does the
@@ -18,6 +19,8 @@ import redis
 from executor.ledger.handler import Ledger
 from executor.recovery.reaper import ReapReport, reap
 from executor.recovery.relay import RelayReport, relay
+from executor.retention.prune import PruneReport, prune_for_leader
+from executor.schedules.ticker import FireReport, fire_due
 from executor.storage.db import Pool, open_pool
 from executor.transport.dispatch import Dispatcher
 from queue_config import ExecutorSettings, load_settings
@@ -44,12 +47,16 @@ class SweepReport:
     leader: bool
     relay: RelayReport = field(default_factory=RelayReport)
     reap: ReapReport = field(default_factory=ReapReport)
+    schedules: FireReport | None = None
+    pruned: PruneReport | None = None
     seconds: float = 0.0
 
     @property
     def did_work(self) -> bool:
         r, p = self.relay, self.reap
-        return bool(r.claimed or p.expired or p.woken or p.busy)
+        fired = self.schedules is not None and self.schedules.did_work
+        pruned = self.pruned is not None and self.pruned.runs > 0
+        return bool(r.claimed or p.expired or p.woken or p.busy) or fired or pruned
 
     def __str__(self) -> str:
         if not self.leader:
@@ -60,6 +67,8 @@ class SweepReport:
             f"{f' ({r.failed} failed)' if r.failed else ''}; expired {p.expired} leases; "
             f"fired {p.woken} timers"
             f"{f'; {p.busy} commands hit a busy ledger' if p.busy else ''}"
+            f"{f'; {self.schedules}' if self.schedules is not None else ''}"
+            f"{f'; {self.pruned}' if self.pruned is not None and self.pruned.runs else ''}"
         )
 
 
@@ -68,7 +77,16 @@ def sweep_work(context: SweepContext) -> SweepReport:
     started = time.monotonic()
     relayed = relay(context.pool, context.dispatcher, context.settings)
     reaped = reap(context.pool, context.ledger, context.dispatcher)
-    return SweepReport(leader=True, relay=relayed, reap=reaped, seconds=time.monotonic() - started)
+    fired = fire_due(context)
+    pruned = prune_for_leader(context)
+    return SweepReport(
+        leader=True,
+        relay=relayed,
+        reap=reaped,
+        schedules=fired,
+        pruned=pruned,
+        seconds=time.monotonic() - started,
+    )
 
 
 def sweep(context: SweepContext, *, lock_timeout: float | None = None) -> SweepReport:

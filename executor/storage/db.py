@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -64,3 +65,11 @@ def connect(url: str) -> psycopg.Connection[dict[str, Any]]:
 
 Pool = ConnectionPool[psycopg.Connection[dict[str, Any]]]
 """The pool type every module shares."""
+
+
+def db_now(conn: psycopg.Connection[dict[str, Any]]) -> datetime:
+    """The database's clock: the one every process agrees on (schedules, retention)."""
+    row = conn.execute("SELECT now() AS now").fetchone()
+    assert row is not None
+    moment: datetime = row["now"]
+    return moment

@@ -156,15 +156,20 @@ class Dispatcher:
         job_id = job_id_for(key)
         if self._try_enqueue(job_id, command, queue, step_timeout):
             return "enqueued"
-        fields = self.redis.hmget(Job.key_for(job_id), ["status", "started_at"])
+        fields = self.redis.hmget(Job.key_for(job_id), ["status", "started_at", "origin"])
         status = _text(fields[0])
         if (
             status is None
             or status in _DEAD
             or (
-                status == JobStatus.STARTED.value
-                and replace_started_after is not None
-                and _older_than(_text(fields[1]), replace_started_after)
+                replace_started_after is not None
+                and (
+                    (
+                        status == JobStatus.STARTED.value
+                        and _older_than(_text(fields[1]), replace_started_after)
+                    )
+                    or (status == JobStatus.QUEUED.value and self._off_queue(job_id, fields[2]))
+                )
             )
         ):
             self._delete_job(job_id)
@@ -174,6 +179,15 @@ class Dispatcher:
         return "present"
 
     # --- internals ---------------------------------------------------------------------------
+
+    def _off_queue(self, job_id: str, origin: bytes | str | None) -> bool:
+        """A job RQ still calls queued but that is on no queue: a worker took it off (into
+        its intermediate queue) and died before marking it started. O(queue length), so
+        only for re-pushes of undecided rows, never on the hot path."""
+        name = _text(origin)
+        if name is None:
+            return True
+        return self.redis.lpos(self._queue(name).key, job_id) is None
 
     def _queue(self, name: str) -> Queue:
         queue = self._queues.get(name)
