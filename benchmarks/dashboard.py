@@ -1,6 +1,6 @@
 """Is the dashboard still fast with 100,000 runs? Seed a scratch database and time the pages.
 
-    python -m executor.dashboard.bench --runs 100000 --requests 200
+    python -m benchmarks.dashboard --runs 100000 --requests 200
 
 1. Creates a scratch database (`executor_dashboard_bench` on the server of
    EXECUTOR_DATABASE_URL, or --database-url), applies the migrations and seeds it with one
@@ -257,7 +257,7 @@ def report(results: list[Result], runs: int, requests: int, target: float) -> bo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m executor.dashboard.bench")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.dashboard")
     parser.add_argument(
         "--database-url",
         default=os.environ.get("EXECUTOR_DATABASE_URL"),

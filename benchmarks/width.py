@@ -1,0 +1,178 @@
+"""Is a step's cost flat in the width of its run? root -> W parallel no-op steps -> join.
+
+For W = 10 (40 runs a round), 100 (4 runs), 400 and 1,000 (one run each), with 2 workers,
+on a fresh database per (round, W), W order rotated each round: steps/s per W (every step
+counted, root and join included), and the ratio W=1000 / W=10 (1.0 is perfectly flat; the
+issue's goal is >= 0.8). `--width 10000` instead checks that one run of 10,000 parallel
+steps completes, and reports how long it took.
+
+    python -m benchmarks.width [--rounds 3] [--check 10000] [--timeout 1800]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from benchmarks.common import (
+    Context,
+    RedisDbs,
+    ScratchDatabases,
+    flush,
+    median,
+    rotated,
+    say,
+    table,
+)
+from benchmarks.ours import executor_workers, fresh_ledger, timed_batch
+from benchmarks.workflows import width_workflow_name
+
+RUNS_PER_WIDTH = {10: 40, 100: 4, 400: 1, 1000: 1}
+NARROW, WIDE = 10, 1000
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    redis_url = ctx.redis_dbs.claim("width")
+    per_width: dict[int, list[float]] = {w: [] for w in RUNS_PER_WIDTH}
+    for r in range(ctx.rounds):
+        for key in rotated([str(w) for w in RUNS_PER_WIDTH], r):
+            w = int(key)
+            rate = _round(ctx, redis_url, w, RUNS_PER_WIDTH[w], label=f"width_r{r}_w{w}")[
+                "steps_per_s"
+            ]
+            per_width[w].append(rate)
+            say(f"  round {r + 1}: W={w}: {rate:.1f} steps/s")
+            ctx.redis_dbs.refresh()
+    by_width: dict[int, dict[str, Any]] = {
+        w: {"runs": RUNS_PER_WIDTH[w], "steps_per_s": median(v), "per_round": v}
+        for w, v in per_width.items()
+    }
+    return {
+        "workers": ctx.workers,
+        "rounds": ctx.rounds,
+        "by_width": by_width,
+        "ratio_wide_to_narrow": by_width[WIDE]["steps_per_s"] / by_width[NARROW]["steps_per_s"],
+    }
+
+
+def _round(ctx: Context, redis_url: str, width: int, runs: int, *, label: str) -> dict[str, Any]:
+    flush(redis_url)
+    db = fresh_ledger(ctx.scratch, label)
+    try:
+        from executor.client import Client
+
+        with executor_workers(ctx.workers, db, redis_url), Client(db, redis_url) as client:
+            result = timed_batch(
+                client,
+                width_workflow_name(width),
+                runs,
+                width + 2,
+                timeout=ctx.timeout,
+                interval=0.02,
+            )
+        return {"steps_per_s": result.steps_per_s, "elapsed_s": result.elapsed_s}
+    finally:
+        ctx.scratch.drop(db)
+
+
+def check(ctx: Context, width: int) -> dict[str, Any]:
+    """One run of `width` parallel steps: did it complete, and in what time."""
+    from executor.client import Client
+
+    redis_url = ctx.redis_dbs.claim("width-check")
+    db = fresh_ledger(ctx.scratch, f"width_check_{width}")
+    started = time.monotonic()
+    outcome: dict[str, Any] = {"width": width, "workers": ctx.workers, "timeout_s": ctx.timeout}
+    try:
+        with executor_workers(ctx.workers, db, redis_url), Client(db, redis_url) as client:
+            try:
+                result = timed_batch(
+                    client,
+                    width_workflow_name(width),
+                    1,
+                    width + 2,
+                    timeout=ctx.timeout,
+                    interval=0.2,
+                )
+                outcome.update(
+                    completed=True, elapsed_s=result.elapsed_s, steps_per_s=result.steps_per_s
+                )
+            except (TimeoutError, RuntimeError) as exc:
+                with client.pool.connection() as conn:
+                    rows = conn.execute(
+                        "SELECT status, count(*) AS n FROM executor.steps GROUP BY status"
+                    ).fetchall()
+                outcome.update(
+                    completed=False,
+                    elapsed_s=time.monotonic() - started,
+                    error=str(exc),
+                    steps_by_status={r["status"]: int(r["n"]) for r in rows},
+                )
+    finally:
+        ctx.scratch.drop(db)
+    return outcome
+
+
+def report(result: dict[str, Any]) -> str:
+    rows = [[w, v["runs"], v["steps_per_s"]] for w, v in result["by_width"].items()]
+    return (
+        f"width: root -> W parallel no-op steps -> join, {result['workers']} workers, "
+        f"{result['rounds']} alternating rounds (medians)\n"
+        + table(["W", "runs/round", "steps/s"], rows)
+        + f"\n  ratio W={WIDE} / W={NARROW}: {result['ratio_wide_to_narrow']:.2f}x"
+        " (1.00x = flat; goal >= 0.80x)"
+    )
+
+
+def report_check(result: dict[str, Any]) -> str:
+    head = (
+        f"width check: one run of {result['width']:,} parallel steps, {result['workers']} workers"
+    )
+    if result["completed"]:
+        return (
+            f"{head}\n  completed in {result['elapsed_s']:.1f} s "
+            f"({result['steps_per_s']:.1f} steps/s; W={NARROW} above is the baseline)"
+        )
+    return (
+        f"{head}\n  NOT completed after {result['elapsed_s']:.0f} s ({result['error']}); "
+        f"steps by status: {result['steps_by_status']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.width", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--check", type=int, choices=(10_000,), help="only check one wide run")
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    from executor.config import resolve_urls
+
+    db, redis_url = resolve_urls()
+    ctx = Context(
+        db,
+        redis_url,
+        ScratchDatabases(db),
+        RedisDbs(redis_url),
+        rounds=args.rounds,
+        workers=args.workers,
+        timeout=args.timeout,
+    )
+    try:
+        result = check(ctx, args.check) if args.check else run(ctx)
+    finally:
+        ctx.scratch.close()
+        ctx.redis_dbs.release()
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(report_check(result) if args.check else report(result))
+    return 0 if result.get("completed", True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
