@@ -148,33 +148,20 @@ def side_by_side(
 
 
 def format_side_by_side(result: dict[str, Any], title: str) -> str:
+    base = result["rq_worker_class"].rsplit(".", 1)[-1]
+    headers = ["workers", "ours steps/s", f"RQ {base} no-op jobs/s", "ratio"]
+    scaling = len(result["by_workers"]) > 1
+    if scaling:
+        headers += ["ours vs first row", "RQ vs first row"]
     rows = []
     for n, v in result["by_workers"].items():
-        rows.append(
-            [
-                n,
-                v["steps_per_s"],
-                v["rq_noop_jobs_per_s"],
-                f"{v['ratio']:.2f}x",
-                f"{v['scaling_vs_first']:.2f}x",
-                f"{v['rq_scaling_vs_first']:.2f}x",
-            ]
-        )
-    base = result["rq_worker_class"].rsplit(".", 1)[-1]
+        row = [n, v["steps_per_s"], v["rq_noop_jobs_per_s"], f"{v['ratio']:.2f}x"]
+        if scaling:
+            row += [f"{v['scaling_vs_first']:.2f}x", f"{v['rq_scaling_vs_first']:.2f}x"]
+        rows.append(row)
     return (
         f"{title}: {result['runs_per_round']} noop runs a round, {result['rounds']} alternating "
-        "rounds (medians)\n"
-        + table(
-            [
-                "workers",
-                "ours steps/s",
-                f"RQ {base} no-op jobs/s",
-                "ratio",
-                "ours scaling",
-                "RQ scaling",
-            ],
-            rows,
-        )
+        "rounds (medians)\n" + table(headers, rows)
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import redis as redis_lib
 
-from benchmarks.common import Round, ScratchDatabases, child_env, processes, wait_for
+from benchmarks.common import Round, ScratchDatabases, child_env, flush, processes, wait_for
 
 # Every bench worker knows the sample workflows (`noop`) and the benchmark's own.
 WORKFLOW_MODULES = "executor.workflows.sample,benchmarks.workflows"
@@ -132,7 +132,6 @@ def ours_round(
     timeout: float = 600.0,
 ) -> Round:
     """One round on a fresh database and a flushed Redis db; dropped afterwards."""
-    from benchmarks.common import flush
     from executor.client import Client
 
     flush(redis_url)

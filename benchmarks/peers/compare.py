@@ -13,7 +13,7 @@ import importlib.metadata
 import importlib.util
 from typing import Any
 
-from benchmarks.common import Context, Round, RoundSpec, rotated, say, summarize, table
+from benchmarks.common import Context, Round, RoundSpec, flush, rotated, say, summarize, table
 from benchmarks.ours import ours_round
 from benchmarks.peers import PEERS, SYSTEMS, Peer
 
@@ -76,8 +76,6 @@ def run(ctx: Context) -> dict[str, Any]:
 
 
 def _peer_round(ctx: Context, peer: Peer, redis_url: str | None, runs: int, label: str) -> Round:
-    from benchmarks.common import flush
-
     driver = importlib.import_module(peer.driver)
     if peer.store == "redis":
         assert redis_url is not None
