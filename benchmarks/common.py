@@ -221,7 +221,10 @@ def wait_for(
     while not predicate():
         for p in procs:
             if p.poll() is not None:
-                raise RuntimeError(f"a process exited with {p.returncode} while waiting for {what}")
+                raise RuntimeError(
+                    f"a process exited with {p.returncode} while waiting for {what}; "
+                    f"its output is in {bench_dir() / 'logs'}"
+                )
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)

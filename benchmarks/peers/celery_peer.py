@@ -76,6 +76,7 @@ def run_round(spec: RoundSpec) -> Round:
                 elapsed = time.monotonic() - started
         finally:
             client.close()
+            _forget_pending(celery)
             celery.close()
     latencies = [_epoch(str(m["date_done"])) - sent[str(m["task_id"])] for m in metas]
     return Round("celery", spec.runs, 4, elapsed, latencies)
@@ -84,3 +85,19 @@ def run_round(spec: RoundSpec) -> Round:
 def _epoch(iso: str) -> float:
     at = datetime.fromisoformat(iso)
     return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+
+
+def _forget_pending(celery: object) -> None:
+    """Release the results the canvas registered as pending on the producer's backend, now.
+
+    The backend holds them until interpreter exit otherwise, where their __del__ tries to
+    unsubscribe from Redis too late and prints tracebacks.
+    """
+    backend = getattr(celery, "backend", None)
+    pending = getattr(backend, "_pending_results", None)
+    if backend is None or pending is None:
+        return
+    for mapping in pending:  # task id -> {id(result): result}
+        for waiters in list(mapping.values()):
+            for result in list(waiters.values()):
+                backend.remove_pending_result(result)
