@@ -1,4 +1,4 @@
-"""Start and stop real `executor worker` processes, for the demo and the benchmark."""
+"""Start and stop real `executor worker` processes, for the demo."""
 
 from __future__ import annotations
 
