@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -23,11 +22,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import psycopg
 import redis as redis_lib
 from psycopg import sql
+
+from executor.storage.urls import with_database, with_redis_db
 
 _CLAIM_TTL_SECONDS = 3600
 
@@ -66,34 +66,6 @@ def bench_dir() -> Path:
     path = resolve_data_dir() / "bench"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-# --- URLs ----------------------------------------------------------------------------------
-
-
-def with_database(url: str, dbname: str) -> str:
-    """The same server and credentials, another database, in the form it was given.
-
-    URL form matters: DBOS and Celery take URLs only, psycopg takes both.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgres", "postgresql"):
-        return psycopg.conninfo.make_conninfo(url, dbname=dbname)
-    query = f"?{parts.query}" if parts.query else ""
-    return f"{parts.scheme}://{parts.netloc}/{quote(dbname)}{query}"
-
-
-def with_redis_db(url: str, db: int) -> str:
-    """The same Redis server, db index `db` (the path for redis://, `?db=` for unix://)."""
-    parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "db"]
-    path = parts.path
-    if parts.scheme == "unix":
-        query.append(("db", str(db)))
-    else:
-        path = f"/{db}"
-    encoded = f"?{urlencode(query)}" if query else ""
-    return f"{parts.scheme}://{parts.netloc}{path}{encoded}"
 
 
 # --- scratch databases ---------------------------------------------------------------------
@@ -238,11 +210,13 @@ def processes(
     log_name: str,
     per_process_env: dict[str, list[str]] | None = None,
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Run each command for the block; SIGTERM, then SIGKILL after 10 s, on the way out.
+    """Run each command for the block; stopped on the way out as `executor.cli.procs.stop` does.
 
     Output goes to `<data>/bench/logs/<log_name>-<i>.log` (overwritten by the next run), the
     first place to look when a round fails.
     """
+    from executor.cli.procs import stop
+
     logs = bench_dir() / "logs"
     logs.mkdir(exist_ok=True)
     files = []
@@ -259,15 +233,7 @@ def processes(
             )
         yield procs
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop(procs)
         for f in files:
             f.close()
 

@@ -11,13 +11,11 @@ Side by side: the naive two-statement write (conditional UPDATE + event INSERT i
 benchmarks.ledger) running the same 4-step run through the same proxy, and a plain RQ no-op
 job (RQ's SimpleWorker, same Redis proxy) for Redis.
 
-    python -m benchmarks.count [--runs 5]
+    python -m benchmarks.count [--runs 5] [--json]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from collections import Counter
@@ -27,16 +25,12 @@ import psycopg
 
 from benchmarks.common import (
     Context,
-    RedisDbs,
-    ScratchDatabases,
-    child_env,
     median,
-    processes,
     say,
     table,
     wait_for,
 )
-from benchmarks.ours import executor_workers, fresh_ledger, registered_workers, rq_job_finished
+from benchmarks.ours import executor_workers, fresh_ledger, rq_job_finished, rq_workers
 from benchmarks.wire import PostgresCounter, RedisCounter, Snapshot, counting
 
 STEPS = 4
@@ -157,37 +151,16 @@ def _rq(ctx: Context, runs: int) -> dict[str, float]:
     from rq import Queue
     from rq.serializers import JSONSerializer
 
-    from benchmarks.e2e import rq_base_class
-
     redis_url = ctx.redis_dbs.claim("count-rq")
     rd = RedisCounter(redis_url)
     conn: redis_lib.Redis = redis_lib.Redis.from_url(rd.url)
     direct: redis_lib.Redis = redis_lib.Redis.from_url(redis_url)  # not counted
     queue = Queue("bench-count", connection=conn, serializer=JSONSerializer)
-    command = [
-        sys.executable,
-        "-m",
-        "rq.cli",
-        "worker",
-        "-w",
-        rq_base_class(),
-        "-u",
-        rd.url,
-        "-S",
-        "rq.serializers.JSONSerializer",
-        "-q",
-        "bench-count",
-    ]
     deltas: list[Snapshot] = []
     try:
-        with processes([command] * ctx.workers, env=child_env(), log_name="count-rq") as procs:
-            wait_for(
-                lambda: registered_workers(redis_url) >= ctx.workers,
-                timeout=60,
-                what="RQ workers",
-                procs=procs,
-                interval=0.05,
-            )
+        with rq_workers(
+            ctx.workers, rd.url, "bench-count", log_name="count-rq", watch_url=redis_url
+        ):
             for i in range(runs + 2):
                 start = rd.snapshot()
                 job = queue.enqueue("benchmarks.jobs.noop", result_ttl=60)
@@ -255,29 +228,11 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.count", description=__doc__)
-    parser.add_argument("--runs", type=int, default=DEFAULT_RUNS)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    from executor.config import resolve_urls
+    """`python -m benchmarks.count`: `executor bench --what count` with the same options."""
+    from benchmarks.cli import main as bench
 
-    db, redis_url = resolve_urls()
-    ctx = Context(
-        db,
-        redis_url,
-        ScratchDatabases(db),
-        RedisDbs(redis_url),
-        runs=args.runs,
-        workers=args.workers,
-    )
-    try:
-        result = run(ctx)
-    finally:
-        ctx.scratch.close()
-        ctx.redis_dbs.release()
-    print(json.dumps(result, indent=2) if args.json else report(result))
-    return 0
+    args = sys.argv[1:] if argv is None else argv
+    return bench(["--what", "count", *args], prog="python -m benchmarks.count")
 
 
 if __name__ == "__main__":

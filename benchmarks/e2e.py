@@ -6,13 +6,11 @@ class ours extends, the same job count, no ledger at all. Rounds alternate (the 
 rotates each round) and the report gives medians, so a noisy machine hurts both alike.
 
     python -m benchmarks.e2e [--workers 2] [--rounds 3] [--runs 40]
-    python -m benchmarks.e2e --scale 1,2,4
+    python -m benchmarks.e2e --what scale
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from typing import Any
@@ -23,34 +21,21 @@ from benchmarks.common import (
     Context,
     RedisDbs,
     ScratchDatabases,
-    child_env,
     flush,
     median,
-    processes,
     rotated,
     say,
     table,
     wait_for,
 )
-from benchmarks.ours import ours_round, registered_workers
+from benchmarks.ours import ours_round, rq_base_class, rq_workers
 
 BASELINE_QUEUE = "bench-baseline"
 DEFAULT_RUNS = 40
 SCALE_WORKERS = (1, 2, 4)
 
 
-def rq_base_class() -> str:
-    """The RQ worker class `executor worker` extends, as a dotted path."""
-    from executor.transport.worker import ExecutorWorker
-
-    return next(
-        f"{c.__module__}.{c.__qualname__}"
-        for c in ExecutorWorker.__mro__[1:]
-        if c.__module__.startswith("rq.")
-    )
-
-
-def rq_noop_round(redis_url: str, workers: int, jobs: int, worker_class: str) -> float:
+def rq_noop_round(redis_url: str, workers: int, jobs: int) -> float:
     """RQ alone: enqueue `jobs` no-ops while `workers` processes drain them; jobs/s."""
     from rq import Queue
     from rq.registry import FinishedJobRegistry
@@ -60,29 +45,8 @@ def rq_noop_round(redis_url: str, workers: int, jobs: int, worker_class: str) ->
     client: redis_lib.Redis = redis_lib.Redis.from_url(redis_url)
     queue = Queue(BASELINE_QUEUE, connection=client, serializer=JSONSerializer)
     registry = FinishedJobRegistry(queue=queue)
-    command = [
-        sys.executable,
-        "-m",
-        "rq.cli",
-        "worker",
-        "-w",
-        worker_class,
-        "-u",
-        redis_url,
-        "-S",
-        "rq.serializers.JSONSerializer",
-        "-q",
-        BASELINE_QUEUE,
-    ]
     try:
-        with processes([command] * workers, env=child_env(), log_name="rq-noop") as procs:
-            wait_for(
-                lambda: registered_workers(redis_url) >= workers,
-                timeout=60,
-                what="RQ workers to register",
-                procs=procs,
-                interval=0.05,
-            )
+        with rq_workers(workers, redis_url, BASELINE_QUEUE, log_name="rq-noop"):
             start = time.monotonic()
             for _ in range(jobs):
                 queue.enqueue("benchmarks.jobs.noop", result_ttl=600)
@@ -117,7 +81,7 @@ def side_by_side(
                 ours[n].append(result.steps_per_s)
                 latencies[n].extend(result.latencies_s)
             else:
-                theirs[n].append(rq_noop_round(redis_url, n, runs * 4, base))
+                theirs[n].append(rq_noop_round(redis_url, n, runs * 4))
             redis_dbs.refresh()
         say(f"  round {r + 1}/{rounds} done")
     by_workers: dict[int, dict[str, Any]] = {}
@@ -194,27 +158,12 @@ def report_scale(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--scale", help="worker counts, e.g. 1,2,4 (overrides --workers)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=40)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    from executor.config import resolve_urls
+    """`python -m benchmarks.e2e`: `executor bench --what e2e` (`--what scale` for 1, 2, 4)."""
+    from benchmarks.cli import main as bench
 
-    db, redis_url = resolve_urls()
-    counts = tuple(int(x) for x in args.scale.split(",")) if args.scale else (args.workers,)
-    scratch, dbs = ScratchDatabases(db), RedisDbs(redis_url)
-    try:
-        result = side_by_side(
-            scratch, dbs, worker_counts=counts, rounds=args.rounds, runs=args.runs
-        )
-    finally:
-        scratch.close()
-        dbs.release()
-    print(json.dumps(result, indent=2) if args.json else format_side_by_side(result, "end to end"))
-    return 0
+    args = sys.argv[1:] if argv is None else argv
+    what = [] if any(a.startswith("--what") for a in args) else ["--what", "e2e"]
+    return bench([*what, *args], prog="python -m benchmarks.e2e")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -32,19 +30,21 @@ import redis as redis_lib
 
 from benchmarks.common import (
     Context,
-    RedisDbs,
-    ScratchDatabases,
-    child_env,
     flush,
     pct,
-    processes,
     rotated,
     say,
     table,
     wait_for,
 )
-from benchmarks.e2e import rq_base_class
-from benchmarks.ours import executor_workers, fresh_ledger, registered_workers, rq_job_finished
+from benchmarks.ours import (
+    executor_workers,
+    fresh_ledger,
+    rq_job_finished,
+    rq_workers,
+    run_latencies,
+    wait_terminal,
+)
 from benchmarks.workflows import RETRY_BACKOFF_S
 
 START_CALLS = 100
@@ -124,32 +124,17 @@ def _enqueue_noop(queue: Any) -> None:
 
 
 def _await_run(client: Any, run_id: str, timeout: float = 60.0) -> None:
-    def ended() -> bool:
-        with client.pool.connection() as conn:
-            row = conn.execute(
-                "SELECT status FROM executor.runs WHERE run_id = %s", (run_id,)
-            ).fetchone()
-        return row is not None and row["status"] in ("completed", "failed", "cancelled")
-
-    wait_for(ended, timeout=timeout, what=f"run {run_id}", interval=0.002)
+    wait_terminal(client, [run_id], timeout=timeout, interval=0.002)
 
 
 def _single_runs(client: Any, rounds: int) -> dict[str, Any]:
     for _ in range(3):  # warm up: the workers' first jobs import and connect
         _await_run(client, client.start_run("noop", None))
-    latencies: list[float] = []
+    ids = []
     for _ in range(rounds * SINGLE_RUNS):
-        run_id = client.start_run("noop", None)
-        _await_run(client, run_id)
-        with client.pool.connection() as conn:
-            row = conn.execute(
-                "SELECT extract(epoch FROM max(created_at) FILTER (WHERE type = 'run_completed')"
-                " - min(created_at) FILTER (WHERE type = 'run_created')) AS s "
-                "FROM executor.events WHERE run_id = %s",
-                (run_id,),
-            ).fetchone()
-        latencies.append(float(row["s"]))
-    return {"runs": len(latencies), "ours_ms": _dist(latencies)}
+        ids.append(client.start_run("noop", None))
+        _await_run(client, ids[-1])
+    return {"runs": len(ids), "ours_ms": _dist(run_latencies(client, ids))}
 
 
 def _rq_single_jobs(redis_url: str, workers: int, count: int) -> dict[str, float]:
@@ -161,30 +146,9 @@ def _rq_single_jobs(redis_url: str, workers: int, count: int) -> dict[str, float
     flush(redis_url)
     conn: redis_lib.Redis = redis_lib.Redis.from_url(redis_url)
     queue = Queue("bench-single", connection=conn, serializer=JSONSerializer)
-    command = [
-        sys.executable,
-        "-m",
-        "rq.cli",
-        "worker",
-        "-w",
-        rq_base_class(),
-        "-u",
-        redis_url,
-        "-S",
-        "rq.serializers.JSONSerializer",
-        "-q",
-        "bench-single",
-    ]
     samples: list[float] = []
     try:
-        with processes([command] * workers, env=child_env(), log_name="rq-single") as procs:
-            wait_for(
-                lambda: registered_workers(redis_url) >= workers,
-                timeout=60,
-                what="RQ workers",
-                procs=procs,
-                interval=0.05,
-            )
+        with rq_workers(workers, redis_url, "bench-single", log_name="rq-single"):
             for _ in range(count):
                 job = queue.enqueue("benchmarks.jobs.noop", result_ttl=60)
                 key = job.key
@@ -315,29 +279,11 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    from executor.config import resolve_urls
+    """`python -m benchmarks.latency`: `executor bench --what latency` with the same options."""
+    from benchmarks.cli import main as bench
 
-    db, redis_url = resolve_urls()
-    ctx = Context(
-        db,
-        redis_url,
-        ScratchDatabases(db),
-        RedisDbs(redis_url),
-        rounds=args.rounds,
-        workers=args.workers,
-    )
-    try:
-        result = run(ctx)
-    finally:
-        ctx.scratch.close()
-        ctx.redis_dbs.release()
-    print(json.dumps(result, indent=2, default=str) if args.json else report(result))
-    return 0
+    args = sys.argv[1:] if argv is None else argv
+    return bench(["--what", "latency", *args], prog="python -m benchmarks.latency")
 
 
 if __name__ == "__main__":

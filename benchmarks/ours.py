@@ -57,11 +57,46 @@ def executor_workers(
         **env,
     )
     command = [sys.executable, "-m", "executor", "worker"]
-    with processes([command] * count, env=environment, log_name=log_name) as procs:
+    with _registered([command] * count, environment, log_name, redis_url):
+        yield
+
+
+def rq_base_class() -> str:
+    """The RQ worker class `executor worker` extends, as a dotted path."""
+    from executor.transport.worker import ExecutorWorker
+
+    return next(
+        f"{c.__module__}.{c.__qualname__}"
+        for c in ExecutorWorker.__mro__[1:]
+        if c.__module__.startswith("rq.")
+    )
+
+
+@contextmanager
+def rq_workers(
+    count: int, redis_url: str, queue: str, *, log_name: str, watch_url: str | None = None
+) -> Iterator[None]:
+    """`count` plain RQ workers of the class ours extends, JSON serializer, on `queue`.
+
+    `watch_url` is where to see them register when `redis_url` is a counting proxy.
+    """
+    command = [
+        sys.executable, "-m", "rq.cli", "worker", "-w", rq_base_class(), "-u", redis_url,
+        "-S", "rq.serializers.JSONSerializer", "-q", queue,
+    ]  # fmt: skip
+    with _registered([command] * count, child_env(), log_name, watch_url or redis_url):
+        yield
+
+
+@contextmanager
+def _registered(
+    commands: list[list[str]], env: dict[str, str], log_name: str, redis_url: str
+) -> Iterator[None]:
+    with processes(commands, env=env, log_name=log_name) as procs:
         wait_for(
-            lambda: registered_workers(redis_url) >= count,
+            lambda: registered_workers(redis_url) >= len(commands),
             timeout=60,
-            what=f"{count} executor workers to register",
+            what=f"{len(commands)} workers ({log_name}) to register",
             procs=procs,
             interval=0.05,
         )

@@ -6,21 +6,17 @@ counted, root and join included), and the ratio W=1000 / W=10 (1.0 is perfectly 
 issue's goal is >= 0.8). `--width 10000` instead checks that one run of 10,000 parallel
 steps completes, and reports how long it took.
 
-    python -m benchmarks.width [--rounds 3] [--check 10000] [--timeout 1800]
+    python -m benchmarks.width [--rounds 3] [--width 10000] [--timeout 1800]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from typing import Any
 
 from benchmarks.common import (
     Context,
-    RedisDbs,
-    ScratchDatabases,
     bench_dir,
     flush,
     median,
@@ -162,35 +158,12 @@ def report_check(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.width", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--check", type=int, choices=(10_000,), help="only check one wide run")
-    parser.add_argument("--timeout", type=float, default=1800.0)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    from executor.config import resolve_urls
+    """`python -m benchmarks.width`: `executor bench --what width`, or the `--width` check."""
+    from benchmarks.cli import main as bench
 
-    db, redis_url = resolve_urls()
-    ctx = Context(
-        db,
-        redis_url,
-        ScratchDatabases(db),
-        RedisDbs(redis_url),
-        rounds=args.rounds,
-        workers=args.workers,
-        timeout=args.timeout,
-    )
-    try:
-        result = check(ctx, args.check) if args.check else run(ctx)
-    finally:
-        ctx.scratch.close()
-        ctx.redis_dbs.release()
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(report_check(result) if args.check else report(result))
-    return 0 if result.get("completed", True) else 1
+    args = sys.argv[1:] if argv is None else argv
+    what = [] if any(a.startswith("--width") for a in args) else ["--what", "width"]
+    return bench([*what, *args], prog="python -m benchmarks.width")
 
 
 if __name__ == "__main__":
