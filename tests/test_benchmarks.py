@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import sys
 from pathlib import Path
 
 import psycopg
@@ -69,6 +70,16 @@ def test_executor_bench_hands_its_arguments_to_the_package(
     assert out.startswith("usage: executor bench")
     assert "--peers" in out
     assert "--what" in out
+
+
+def test_executor_bench_says_how_to_get_a_missing_package(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from executor.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "benchmarks.cli", None)  # import now raises ImportError
+    assert main(["bench", "--peers"]) == 1
+    assert "pip install -e '.[dev]'" in capsys.readouterr().err
 
 
 def _functions(module: str) -> set[str]:
