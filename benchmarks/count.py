@@ -35,7 +35,7 @@ from benchmarks.wire import PostgresCounter, RedisCounter, Snapshot, counting
 
 STEPS = 4
 DEFAULT_RUNS = 5
-IDLE_SECONDS = 2.0
+IDLE_SECONDS = 6.0  # longer than the default sweep interval (5 s), so one sweep lands in it
 
 
 def _quiet(pg: PostgresCounter | None, rd: RedisCounter, still: float = 0.15) -> None:
