@@ -17,7 +17,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import psycopg
 import pytest
@@ -30,6 +29,7 @@ from executor.errors import ExecutorError
 from executor.storage import embedded
 from executor.storage.db import open_pool
 from executor.storage.migrate import migrate
+from executor.storage.urls import with_database, with_redis_db
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_DATA_DIR_ENV = "EXECUTOR_TEST_DATA_DIR"
@@ -49,28 +49,6 @@ def _unavailable(what: str, exc: BaseException) -> NoReturn:
 
 def _test_data_dir() -> Path:
     return Path(os.environ.get(TEST_DATA_DIR_ENV) or REPO_ROOT / ".executor-test")
-
-
-def with_database(url: str, dbname: str) -> str:
-    """The same server and credentials, another database; keeps URL form when given a URL."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgres", "postgresql"):
-        return psycopg.conninfo.make_conninfo(url, dbname=dbname)
-    query = f"?{parts.query}" if parts.query else ""
-    return f"{parts.scheme}://{parts.netloc}/{quote(dbname)}{query}"
-
-
-def with_redis_db(url: str, db: int) -> str:
-    """The same Redis server, another db index (path for redis://, `?db=` for unix://)."""
-    parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "db"]
-    path = parts.path
-    if parts.scheme == "unix":
-        query.append(("db", str(db)))
-    else:
-        path = f"/{db}"
-    encoded = f"?{urlencode(query)}" if query else ""
-    return f"{parts.scheme}://{parts.netloc}{path}{encoded}"
 
 
 # --- Postgres ------------------------------------------------------------------------------

@@ -84,10 +84,12 @@ def register(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=3)
     p.add_argument("--ledger-only", action="store_true", help="the scripted ledger demo only")
 
-    p = verb("bench", cmd_bench, "measure steps/s against RQ and the handler against a naive write")
-    p.add_argument("--what", choices=("all", "e2e", "ledger"), default="all")
-    p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--workers", type=int, default=2)
+    # The benchmarks package owns its options (`executor bench --help` lists them); '+' as
+    # the only prefix makes this parser hand every argument through untouched.
+    help_ = "measure against baselines and peers, side by side (see docs/benchmarks.md)"
+    p = sub.add_parser("bench", help=help_, description=help_, add_help=False, prefix_chars="+")
+    p.add_argument("bench_args", nargs="*")
+    p.set_defaults(func=cmd_bench)
 
     verb("config", cmd_config, "print the effective settings")
 
@@ -342,9 +344,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from executor.cli.bench import run_bench
-
-    return run_bench(what=args.what, seconds=args.seconds, workers=args.workers)
+    try:
+        from benchmarks.cli import main as bench_main
+    except ImportError as exc:
+        if exc.name is None or not exc.name.startswith("benchmarks"):
+            raise
+        print(
+            "executor bench: the benchmarks package is not installed; it ships in the source "
+            "tree: clone the repository and pip install -e '.[dev]' (add ',bench' for --peers)",
+            file=sys.stderr,
+        )
+        return 1
+    return bench_main(args.bench_args, prog="executor bench")
 
 
 def cmd_config(args: argparse.Namespace) -> int:

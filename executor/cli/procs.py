@@ -1,4 +1,4 @@
-"""Start and stop real `executor worker` processes, for the demo and the benchmark."""
+"""Start and stop real `executor worker` processes, for the demo (and `stop` for the bench)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 
@@ -44,12 +44,17 @@ def worker_processes(
     try:
         yield procs
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop(procs)
+
+
+def stop(procs: Sequence[subprocess.Popen[bytes]], *, grace: float = 10.0) -> None:
+    """SIGTERM every process still running (a warm shutdown), SIGKILL any left after `grace`."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

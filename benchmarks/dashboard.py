@@ -1,6 +1,6 @@
 """Is the dashboard still fast with 100,000 runs? Seed a scratch database and time the pages.
 
-    python -m executor.dashboard.bench --runs 100000 --requests 200
+    python -m benchmarks.dashboard --runs 100000 --requests 200
 
 1. Creates a scratch database (`executor_dashboard_bench` on the server of
    EXECUTOR_DATABASE_URL, or --database-url), applies the migrations and seeds it with one
@@ -36,6 +36,7 @@ from executor.commands.models import Command
 from executor.dashboard.queries import Cursor
 from executor.dashboard.settings import DashboardSettings
 from executor.ledger.outcome import Outcome
+from executor.storage.urls import with_database
 
 SCRATCH_DB = "executor_dashboard_bench"
 TARGET_MS = 200.0
@@ -97,10 +98,6 @@ FROM generate_series(1, %(n)s / 2) AS g
 """
 
 
-def _with_database(url: str, dbname: str) -> str:
-    return psycopg.conninfo.make_conninfo(url, dbname=dbname)
-
-
 def seed(admin_url: str, runs: int) -> str:
     """A fresh scratch database with `runs` runs; returns its URL."""
     from executor.storage.migrate import migrate
@@ -109,7 +106,7 @@ def seed(admin_url: str, runs: int) -> str:
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
         admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(ident))
-    url = _with_database(admin_url, SCRATCH_DB)
+    url = with_database(admin_url, SCRATCH_DB)
     migrate(url)
     started = time.perf_counter()
     with psycopg.connect(url, autocommit=True) as conn:
@@ -257,7 +254,7 @@ def report(results: list[Result], runs: int, requests: int, target: float) -> bo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m executor.dashboard.bench")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.dashboard")
     parser.add_argument(
         "--database-url",
         default=os.environ.get("EXECUTOR_DATABASE_URL"),

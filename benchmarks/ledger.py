@@ -3,8 +3,8 @@
 Not a test. Both sides run in one process against the same server with the same number of
 threads, each thread with its own connection, in alternating rounds (ledger first on even
 rounds, naive first on odd ones) so that a noisy machine hurts both alike; the report gives
-the median of the rounds and their ratio. The target is a ratio of at least 0.5: the price
-of correctness (row locks, receipts, outbox, gapless sequence) should be at most half the
+the median of the rounds and their ratio. The target (issue 8) is a ratio of at least 0.6:
+correctness (row locks, receipts, outbox, gapless sequence) may cost at most 40% of the
 throughput of the code that corrupts its log under concurrency.
 
 The workload is what workers mostly send: each thread launches runs of `steps_per_run`
@@ -18,13 +18,11 @@ mix is ~90% start_step/complete_step spread over many runs (different rows).
   scratch copies of the tables in a schema `executor_bench_<tag>`, dropped afterwards.
 
 Round trips per command are measured, not assumed: a few more commands of each kind go
-through a local TCP proxy that reads the client's side of the wire protocol and counts the
-points where the client waits for the server (each Sync, each Flush not right behind a Sync,
-each simple Query).
+through the counting proxy of `benchmarks.wire`.
 
 Run it against a database with no relay or workers attached (their jobs would race the
-bench's own commands): `python -m executor.ledger.bench <database-url>` or
-`executor bench --ledger`.
+bench's own commands): `python -m benchmarks.ledger <database-url>` or
+`executor bench --what ledger` (which gives it a scratch database of its own).
 """
 
 from __future__ import annotations
@@ -32,24 +30,21 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import socket
 import statistics
-import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
+from benchmarks.wire import PostgresCounter
 from executor.commands.models import (
     Command,
     CompleteStep,
@@ -63,7 +58,7 @@ from executor.ledger.handler import Ledger
 
 Conn = psycopg.Connection[dict[str, Any]]
 
-TARGET_RATIO = 0.5
+TARGET_RATIO = 0.6
 WORKFLOW = "bench"
 TERMINAL = "('completed', 'failed', 'cancelled')"
 
@@ -420,6 +415,18 @@ def run_bench(
             admin.close()
 
 
+def run_scratch(ctx: Any) -> dict[str, Any]:
+    """`executor bench --what ledger`: the bench on a scratch database of its own."""
+    from executor.storage.migrate import migrate
+
+    url = ctx.scratch.create("ledger")
+    try:
+        migrate(url)
+        return run_bench(url, seconds=ctx.seconds, verbose=False)
+    finally:
+        ctx.scratch.drop(url)
+
+
 def format_report(result: dict[str, Any]) -> str:
     led, nai = result["ledger"], result["naive"]
     rounds = " ".join(f"{x:7.0f}" for x in led["per_round"])
@@ -463,140 +470,6 @@ def format_report(result: dict[str, Any]) -> str:
 
 # --- round trips -------------------------------------------------------------------------------
 
-_SSL_OR_GSS_REQUEST = (80877103, 80877104)
-
-
-class _FrontendCounter:
-    """Parses the client's half of the wire protocol and counts its round trips.
-
-    The client waits for the server exactly after asking it to answer: a Sync (`S`, end of
-    an extended-protocol batch), a Flush (`H`, "send me what you have") or a simple Query
-    (`Q`). A Flush sent right behind a Sync asks for nothing more, so it is not counted.
-    """
-
-    def __init__(self) -> None:
-        self.buffer = b""
-        self.started = False
-        self.previous = ""
-        self.round_trips = 0
-        self.lock = threading.Lock()
-
-    def feed(self, data: bytes) -> None:
-        with self.lock:
-            self.buffer += data
-            while True:
-                if not self.started:
-                    if len(self.buffer) < 8:
-                        return
-                    length, code = struct.unpack("!ii", self.buffer[:8])
-                    if len(self.buffer) < length:
-                        return
-                    self.buffer = self.buffer[length:]
-                    self.started = code not in _SSL_OR_GSS_REQUEST
-                    continue
-                if len(self.buffer) < 5:
-                    return
-                kind = chr(self.buffer[0])
-                (length,) = struct.unpack("!i", self.buffer[1:5])
-                if len(self.buffer) < 1 + length:
-                    return
-                self.buffer = self.buffer[1 + length :]
-                if kind in "SQ" or (kind == "H" and self.previous != "S"):
-                    self.round_trips += 1
-                self.previous = kind
-
-    def count(self) -> int:
-        with self.lock:
-            return self.round_trips
-
-
-class _CountingProxy:
-    """A local TCP proxy in front of Postgres that counts the client's round trips."""
-
-    def __init__(self, upstream_family: int, upstream_address: Any) -> None:
-        self.family = upstream_family
-        self.address = upstream_address
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.port: int = self.listener.getsockname()[1]
-        self.sockets: list[socket.socket] = [self.listener]
-        self.counters: list[_FrontendCounter] = []
-        self.closed = False
-        threading.Thread(target=self._accept, name="bench-proxy", daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.socket(self.family, socket.SOCK_STREAM)
-            upstream.connect(self.address)
-            for s in (client, upstream):
-                if s.family == socket.AF_INET:
-                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            counter = _FrontendCounter()
-            self.counters.append(counter)
-            self.sockets += [client, upstream]
-            threading.Thread(
-                target=self._pump, args=(client, upstream, counter), daemon=True
-            ).start()
-            threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, counter: _FrontendCounter | None) -> None:
-        try:
-            while data := src.recv(65536):
-                if counter is not None:
-                    counter.feed(data)  # counted before the server can answer it
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            _quiet_close(dst)
-
-    def count(self) -> int:
-        return sum(c.count() for c in self.counters)
-
-    def close(self) -> None:
-        self.closed = True
-        for s in self.sockets:
-            _quiet_close(s)
-
-
-def _quiet_close(s: socket.socket) -> None:
-    with suppress(OSError):
-        s.close()
-
-
-def _upstream(database_url: str) -> tuple[int, Any]:
-    params = conninfo_to_dict(database_url)
-    host = str(params.get("hostaddr") or params.get("host") or "/var/run/postgresql")
-    host = host.split(",")[0]
-    port = int(str(params.get("port") or "5432").split(",")[0])
-    if host.startswith("/"):
-        return socket.AF_UNIX, f"{host}/.s.PGSQL.{port}"
-    return socket.AF_INET, (socket.gethostbyname(host), port)
-
-
-@contextmanager
-def _proxied(database_url: str) -> Iterator[tuple[str, _CountingProxy]]:
-    family, address = _upstream(database_url)
-    proxy = _CountingProxy(family, address)
-    try:
-        url = make_conninfo(
-            database_url,
-            host="127.0.0.1",
-            hostaddr="127.0.0.1",
-            port=str(proxy.port),
-            sslmode="disable",
-            gssencmode="disable",
-        )
-        yield url, proxy
-    finally:
-        proxy.close()
-
 
 def measure_round_trips_per_command(
     database_url: str, schema: str, prefix: str, *, steps: int = 3
@@ -604,7 +477,9 @@ def measure_round_trips_per_command(
     """Round trips of each command kind, counted on the wire through a local proxy."""
     by_command: dict[str, list[int]] = {}
     naive_counts: list[int] = []
-    with _proxied(database_url) as (url, proxy):
+    proxy = PostgresCounter(database_url)
+    url = proxy.url
+    try:
         pool: ConnectionPool[Conn] = ConnectionPool(
             url,
             min_size=1,
@@ -620,10 +495,10 @@ def measure_round_trips_per_command(
             original = ledger.apply
 
             def counted_apply(command: Command) -> Any:
-                before = proxy.count()
+                before = proxy.snapshot().round_trips
                 outcome = original(command)
                 kind = command.type if outcome.applied else f"{command.type} (dropped)"
-                by_command.setdefault(kind, []).append(proxy.count() - before)
+                by_command.setdefault(kind, []).append(proxy.snapshot().round_trips - before)
                 return outcome
 
             ledger.apply = counted_apply  # type: ignore[method-assign]
@@ -642,14 +517,16 @@ def measure_round_trips_per_command(
             naive.run_id = f"{prefix}-rtt-naive"
 
             def counted(action: Callable[[], None]) -> None:
-                before = proxy.count()
+                before = proxy.snapshot().round_trips
                 action()
-                naive_counts.append(proxy.count() - before)
+                naive_counts.append(proxy.snapshot().round_trips - before)
 
             counted(naive.create)
             naive.start_run()
             counted(lambda: naive.start_step(naive.step_keys[0]))
             counted(lambda: naive.complete_step(naive.step_keys[0], last=False))
+    finally:
+        proxy.close()
 
     medians = {k: statistics.median(v) for k, v in sorted(by_command.items())}
     applied = [x for k, v in by_command.items() if "dropped" not in k for x in v]
