@@ -184,6 +184,7 @@ DECLARE
     v_owned jsonb;
     v_key jsonb;
     v_limit integer;
+    v_keys text[];
 BEGIN
     SELECT to_jsonb(r) INTO v_run FROM executor.runs AS r WHERE run_id = p_run_id FOR UPDATE;
     IF v_run IS NULL AND p_launch_key IS NOT NULL THEN
@@ -203,14 +204,14 @@ BEGIN
             LIMIT 1;
         END IF;
     ELSIF v_run IS NOT NULL AND p_step_key IS NOT NULL THEN
+        -- The keys first, then the rows by primary key: as one join the planner may scan
+        -- every step of the run.
+        SELECT t.dependants || p_step_key || t.parent_step INTO v_keys
+        FROM executor.steps AS t WHERE t.run_id = p_run_id AND t.step_key = p_step_key;
         SELECT coalesce(jsonb_agg(to_jsonb(s) ORDER BY s.step_key), '[]') INTO v_steps
         FROM (
             SELECT * FROM executor.steps AS x
-            WHERE x.run_id = p_run_id AND x.step_key IN (
-                SELECT p_step_key
-                UNION ALL
-                SELECT unnest(t.dependants || t.parent_step) FROM executor.steps AS t
-                WHERE t.run_id = p_run_id AND t.step_key = p_step_key)
+            WHERE x.run_id = p_run_id AND x.step_key = ANY (v_keys)
             ORDER BY x.step_key
             FOR UPDATE
         ) AS s;

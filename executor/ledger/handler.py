@@ -64,6 +64,9 @@ class LedgerHooks:
 
     after_lock: Callable[[Command], None] | None = None
     before_commit: Callable[[Command], None] | None = None
+    inside: Callable[[Command, Conn], None] | None = None
+    """Called with the command's own connection, writes done, locks held (tests that read
+    the transaction's own statistics)."""
 
 
 @dataclass
@@ -276,9 +279,12 @@ class Ledger:
         context = None
         if t.started is not None:
             context = (t.started, t, _upstream(conn, command.run_id, t.started, t))
-        if self.hooks.before_commit:
+        if self.hooks.before_commit or self.hooks.inside:
             pipeline.sync()  # so the hook sees the writes done and the locks still held
-            self.hooks.before_commit(command)
+            if self.hooks.before_commit:
+                self.hooks.before_commit(command)
+            if self.hooks.inside:
+                self.hooks.inside(command, conn)
         return _Pending(_applied(command, t), outbox=outbox, context=context)
 
     def _duplicate(self, conn: Conn, command: Command, locked: dict[str, Any]) -> _Pending:

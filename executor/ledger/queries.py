@@ -165,7 +165,10 @@ WITH receipt AS (
                 %(s_event)s::text[], %(s_child)s::text[])
         AS u(step_key, status, attempt, output, error, lease_expires_at, next_attempt_at,
              waiting_on, items_total, items_done, fence, wake_at, event_name, child_run_id)
-    WHERE s.run_id = %(run_id)s AND s.step_key = u.step_key
+    -- ANY(...) keeps the scan on the primary key: a join on step_key alone may read every
+    -- step of the run.
+    WHERE s.run_id = %(run_id)s AND s.step_key = ANY(%(s_key)s::text[])
+      AND s.step_key = u.step_key
 ), changed_run AS (
     UPDATE executor.runs
     SET status = %(r_status)s, output = %(r_output)s, error = %(r_error)s,
