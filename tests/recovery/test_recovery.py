@@ -354,6 +354,7 @@ def test_a_due_timer_fires_once_and_a_paused_run_holds_it(
     assert fire_timers(pool, ledger, dispatcher) == 0
     assert step_row(pool, "nap") == {"status": "completed", "attempt": 1}
     assert step_row(pool, "after") == {"status": "queued", "attempt": 1}
+    assert_verified(pool)
 
 
 def test_a_start_run_job_lands_where_workers_listen_with_a_custom_default_queue(
