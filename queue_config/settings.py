@@ -44,6 +44,9 @@ _NOT_SETTINGS = frozenset(
 _NOT_SETTINGS_PREFIXES = ("EXECUTOR_DASHBOARD_", "EXECUTOR_TEST_", "EXECUTOR_BENCH_")
 _warned: set[str] = set()
 
+RATE_PATTERN = r"^\s*\d+(\.\d+)?\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$"
+"""What a `rate_limit` looks like: "50/s", "100/m", "2.5/h" (see executor.transport.ratelimit)."""
+
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$")]
 Seconds = Annotated[float, Field(gt=0, le=7 * 86_400)]
 
@@ -59,6 +62,8 @@ class QueueSettings(_Model):
     job_timeout: Annotated[int, Field(ge=1, le=7 * 86_400)] = 180
     result_ttl: Annotated[int, Field(ge=0, le=30 * 86_400)] = 300
     failure_ttl: Annotated[int, Field(ge=1, le=365 * 86_400)] = 86_400
+    rate_limit: Annotated[str, Field(pattern=RATE_PATTERN)] | None = None
+    """Step starts allowed on this queue across all workers, e.g. "50/s", "100/m"."""
 
 
 class BackoffSettings(_Model):
@@ -151,7 +156,11 @@ class ExecutorSettings(_Model):
         ]
         lines += [f"{k} = {_toml_value(v)}" for k, v in data.items() if _is_scalar_list(v)]
         for queue in data["queues"]:
-            lines += ["", "[[queues]]", *(f"{k} = {_toml_value(v)}" for k, v in queue.items())]
+            lines += ["", "[[queues]]"]
+            lines += [
+                f"{k} = {_toml_value(v)}" if v is not None else f"# {k} is unset"
+                for k, v in queue.items()
+            ]
         lines += _toml_table("retry", data["retry"])
         return "\n".join(lines) + "\n"
 

@@ -223,6 +223,8 @@ class StartStep(_SystemStepCommand):
 
     type: Literal["start_step"] = "start_step"
     fence: Fence | None = None
+    workflow: Identifier | None = None
+    """The run's workflow, so a worker can apply its rate limit before starting anything."""
 
 
 class _OwnerCommand(_SystemStepCommand):

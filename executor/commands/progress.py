@@ -51,7 +51,12 @@ def queue(t: Transition, step: StepRow, **payload: Any) -> None:
     t.followups.append(
         FollowUp(
             step.queue,
-            StartStep(run_id=t.run.run_id, step_key=step.step_key, attempt=step.attempt),
+            StartStep(
+                run_id=t.run.run_id,
+                step_key=step.step_key,
+                attempt=step.attempt,
+                workflow=t.run.workflow,
+            ),
             timeout_seconds=step.timeout_seconds,
         )
     )

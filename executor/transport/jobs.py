@@ -24,8 +24,10 @@ import logging
 import math
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from rq import get_current_job
@@ -39,6 +41,7 @@ from executor.commands.models import (
     StartRun,
     StartStep,
     parse_obj,
+    wire,
 )
 from executor.errors import (
     ConcurrencyKeyTaken,
@@ -46,7 +49,7 @@ from executor.errors import (
     InvalidCommand,
     UnknownWorkflow,
 )
-from executor.ledger.outcome import Outcome
+from executor.ledger.outcome import OutboxItem, Outcome
 from executor.transport.runtime import Runtime, get_runtime
 from executor.workflows.runner import plan_run
 
@@ -99,6 +102,8 @@ def handle(
     try:
         budget, rearm = _in_place_budget(job_timeout)
         if isinstance(command, StartStep):
+            if not _take_turn(runtime, command, queue, job):
+                return "deferred: rate limited; the step stays queued, its attempt uncharged"
             outcome = runner.run(command, fence=fence, continue_for=budget, on_continue=rearm)
         else:
             if isinstance(command, StartRun) and not command.steps:
@@ -108,7 +113,11 @@ def handle(
                         command,
                         max_attempts=retry.max_attempts,
                         backoff=BackoffPolicy.model_validate(retry.backoff.model_dump()),
-                        continue_on=_ledger_queue(runtime, queue) if budget else None,
+                        continue_on=(
+                            _ledger_queue(runtime, queue)
+                            if budget and not runtime.limits.of(command.workflow, queue or "")
+                            else None
+                        ),
                         fence=fence,
                     )
                 except UnknownWorkflow as exc:
@@ -127,6 +136,39 @@ def handle(
             job.result_ttl = 0
         return f"dropped key_taken: {exc}"
     return _finish(outcome, job)
+
+
+# A limited step waits in place for a turn this close; a later turn hands the job back, so
+# the worker can serve other queues meanwhile.
+WAIT_IN_PLACE = 1.0
+
+
+def _take_turn(runtime: Runtime, command: StartStep, queue: str | None, job: Job | None) -> bool:
+    """Wait for the step's turn under its rate limits; False if the job was handed back."""
+    limits = runtime.limits.of(command.workflow, queue or "default")
+    while limits:
+        wait = runtime.limits.limiter.wait_for(limits)
+        if wait <= 0:
+            return True
+        if wait <= WAIT_IN_PLACE or job is None:
+            time.sleep(min(wait, WAIT_IN_PLACE))
+            continue
+        # The step is still queued and its outbox row still there; this only saves a turn
+        # of the relay. The job is deleted as it finishes so the same id can come back.
+        job.result_ttl = 0
+        runtime.dispatcher.later.add(
+            OutboxItem(
+                outbox_id=0,
+                run_id=command.run_id,
+                queue=queue or "default",
+                idempotency_key=command.idempotency_key,
+                command=wire(command),
+                not_before=datetime.now(UTC) + timedelta(seconds=wait),
+                timeout_seconds=(job.meta or {}).get("step_timeout"),
+            )
+        )
+        return False
+    return True
 
 
 def _finish(outcome: Outcome, job: Job | None) -> str:

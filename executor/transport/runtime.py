@@ -28,6 +28,7 @@ from psycopg_pool import ConnectionPool
 from executor.ledger.handler import Ledger
 from executor.storage.db import open_pool
 from executor.transport.dispatch import Dispatcher
+from executor.transport.ratelimit import Limiter, RateLimits
 from executor.workflows.registry import load_modules
 from executor.workflows.runner import StepRunner
 from queue_config import ExecutorSettings, load_settings
@@ -46,6 +47,7 @@ class Runtime:
     redis: redis.Redis
     dispatcher: Dispatcher
     runner: StepRunner
+    limits: RateLimits
     pid: int = field(default_factory=os.getpid)
     owns_redis: bool = True
 
@@ -86,7 +88,13 @@ def build_runtime(
         outbox_grace_seconds=settings.outbox_grace_seconds,
     )
     dispatcher = Dispatcher(redis_client, settings, pool)
-    runner = StepRunner(ledger, dispatcher.push, heartbeat_interval=settings.heartbeat_interval)
+    limits = RateLimits(settings, Limiter(redis_client), dispatcher.route)
+    runner = StepRunner(
+        ledger,
+        dispatcher.push,
+        heartbeat_interval=settings.heartbeat_interval,
+        may_continue=lambda workflow, queue: not limits.of(workflow, queue),
+    )
     return Runtime(
         settings=settings,
         database_url=database_url,
@@ -95,6 +103,7 @@ def build_runtime(
         redis=redis_client,
         dispatcher=dispatcher,
         runner=runner,
+        limits=limits,
         owns_redis=owns_redis,
     )
 

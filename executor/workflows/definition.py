@@ -102,11 +102,19 @@ class Workflow:
         queue: str = "default",
         max_attempts: int | None = None,
         backoff: BackoffPolicy | None = None,
+        rate_limit: str | None = None,
         register: bool = True,
     ) -> None:
-        """`max_attempts` and `backoff` left unset come from queue_config's retry defaults."""
+        """`max_attempts` and `backoff` left unset come from queue_config's retry defaults.
+
+        `rate_limit` ("50/s", "100/m") caps how often steps of this workflow start, across
+        every worker; a limited step waits for its turn, unstarted and uncharged.
+        """
+        from executor.transport.ratelimit import Rate
+
         self.name = name
         self.queue = queue
+        self.rate_limit = None if rate_limit is None else Rate.parse(rate_limit)
         self.max_attempts = max_attempts
         self.backoff = backoff
         self.steps: dict[str, StepDefinition] = {}

@@ -109,10 +109,20 @@ class _Heartbeat:
 
 
 class StepRunner:
-    def __init__(self, ledger: Ledger, push: Push, *, heartbeat_interval: float = 10.0) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        push: Push,
+        *,
+        heartbeat_interval: float = 10.0,
+        may_continue: Callable[[str, str], bool] | None = None,
+    ) -> None:
+        """`may_continue(workflow, queue)` says whether a step may start in place without a
+        trip through the queue (not when a rate limit must see every start)."""
         self.ledger = ledger
         self.push = push
         self.heartbeat_interval = heartbeat_interval
+        self.may_continue = may_continue or (lambda workflow, queue: True)
 
     def apply(self, command: Command, *, rearm: Callable[[], None] | None = None) -> Outcome:
         """Apply `command` and learn its outcome, however long the answer takes.
@@ -184,7 +194,11 @@ class StepRunner:
             if last is not outcome and on_continue is not None:
                 on_continue()
             may_continue = (
-                info.queue if info.timeout_seconds is None and time.monotonic() < deadline else None
+                info.queue
+                if info.timeout_seconds is None
+                and time.monotonic() < deadline
+                and self.may_continue(info.workflow, info.queue)
+                else None
             )
             final = observability.step_attempt(  # observability
                 self.ledger.pool, run_id, info, self._attempt, run_id, info, fence, may_continue
