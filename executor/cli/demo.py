@@ -4,8 +4,10 @@ Runs of the `order` sample workflow (parallel branches and a join, a flaky payme
 started through the same Client an app uses. A fifth of the launches are sent twice, and
 after the runs finish every step's start and completion job is delivered again, late,
 through Redis, as a confused producer would; one run in forty is cancelled while it runs.
-The summary shows that each extra delivery was dropped with a reason and that `verify` finds
-every log valid.
+Then a few runs of `onboard` show the durable primitives: each maps over a list of accounts,
+sleeps on a durable timer, waits for an approval (which the demo sends, as an app or a person
+on the dashboard would), and starts a child run. The summary shows that each extra delivery
+was dropped with a reason and that `verify` finds every log valid.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from uuid import uuid4
 from rq import Queue
 
 from executor.cli.procs import worker_env, worker_processes
-from executor.client import Client
+from executor.client import Client, RunTimeout
 from executor.commands.models import CancelRun, CompleteStep, StartStep, wire
 from executor.commands.state import RUN_TERMINAL
 from executor.ledger.verify import verify
@@ -45,9 +47,7 @@ def run_demo(*, runs: int = 200, workers: int = 3, timeout: float = 120.0) -> in
     db, redis_url = resolve_urls()
     migrate(db)
     print(f"starting {workers} worker processes; submitting {runs} runs of workflow 'order'")
-    # Retries are pushed by the relay once their backoff ends; a short sweep interval keeps
-    # the flaky step's retries from idling in the demo.
-    env = worker_env(db, redis_url, EXECUTOR_SWEEP_INTERVAL="0.5")
+    env = worker_env(db, redis_url)
     with worker_processes(workers, db, redis_url, env=env), Client(db, redis_url) as client:
         watermark = _last_drop_id(client)
         started = time.monotonic()
@@ -76,6 +76,7 @@ def run_demo(*, runs: int = 200, workers: int = 3, timeout: float = 120.0) -> in
         late = _redeliver_late(client, run_ids[: max(1, runs // 4)])
         _wait_for_drops(client, before + late)
         by_status = Counter(client.status_counts(run_ids))
+        onboarded = _onboard(client, count=max(2, runs // 40), timeout=timeout)
 
     with connect(db) as conn:
         steps = conn.execute(
@@ -103,12 +104,61 @@ def run_demo(*, runs: int = 200, workers: int = 3, timeout: float = 120.0) -> in
     print(
         f"steps per second       {steps['steps'] / elapsed:>8.1f}  ({elapsed:.1f}s for {runs} runs)"
     )
+    print(
+        f"onboard runs           {onboarded['completed']:>6} completed of {onboarded['runs']}: "
+        f"{onboarded['items']} mapped items, {onboarded['approvals']} approvals sent, "
+        f"{onboarded['children']} child runs"
+    )
     if report.ok:
         print(f"verify                 ok ({report.runs} runs, {report.events} events)")
     else:
         print(f"verify                 VIOLATION {report.violations[0]}")
     unfinished = runs - sum(by_status[s] for s in ("completed", "failed", "cancelled"))
-    return 0 if report.ok and unfinished == 0 else 1
+    onboard_ok = onboarded["completed"] == onboarded["runs"]
+    return 0 if report.ok and unfinished == 0 and onboard_ok else 1
+
+
+def _onboard(client: Client, *, count: int, timeout: float) -> dict[str, int]:
+    """Start `onboard` runs, approve each once its approval step waits, wait for the ends."""
+    print(f"\nstarting {count} runs of 'onboard' (map, timer, approval, child run)")
+    run_ids = [client.start_run("onboard", {"accounts": 2 + i % 4}) for i in range(count)]
+    approved: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while len(approved) < count and time.monotonic() < deadline:
+        with client.pool.connection() as conn:
+            waiting = conn.execute(
+                "SELECT run_id FROM executor.steps WHERE run_id = ANY(%s)"
+                " AND step_key = 'approval' AND status = 'waiting'",
+                (run_ids,),
+            ).fetchall()
+        for row in waiting:
+            if row["run_id"] not in approved:
+                client.send_event(
+                    row["run_id"], "approved", "demo", idempotency_key=f"approve:{row['run_id']}"
+                )
+                approved.add(row["run_id"])
+        time.sleep(0.1)
+    completed = 0
+    for run_id in run_ids:
+        try:
+            view = client.wait(run_id, timeout=max(1.0, deadline - time.monotonic()))
+        except RunTimeout:
+            continue
+        completed += view.status == "completed"
+    with client.pool.connection() as conn:
+        found = conn.execute(
+            "SELECT count(*) FILTER (WHERE kind = 'item') AS items,"
+            " count(child_run_id) AS children FROM executor.steps WHERE run_id = ANY(%s)",
+            (run_ids,),
+        ).fetchone()
+    assert found is not None
+    return {
+        "runs": count,
+        "completed": completed,
+        "items": int(found["items"]),
+        "approvals": len(approved),
+        "children": int(found["children"]),
+    }
 
 
 def _redeliver_late(client: Client, run_ids: list[str]) -> int:

@@ -36,13 +36,22 @@ def register(sub: Any) -> None:
     p.add_argument("workflow", nargs="?")
     p.add_argument("--input", default="null", help="run input as JSON")
     p.add_argument("--concurrency-key")
+    p.add_argument("--concurrency-limit", type=int, default=1, help="runs that may hold the key")
+    p.add_argument(
+        "--on-conflict",
+        choices=("reject", "queue"),
+        default="reject",
+        help="when every slot of the key is taken: refuse, or wait queued for a slot",
+    )
     p.add_argument("--idempotency-key")
-    p.add_argument("--command", help="a command as JSON, enqueued for a worker to apply")
+    p.add_argument("--command", help="a command as JSON, committed to the outbox for a worker")
     p.add_argument("--wait", type=float, metavar="SECONDS", help="wait for a terminal status")
 
-    p = verb("runs", cmd_runs, "list recent runs")
+    p = verb("runs", cmd_runs, "list recent runs, or (--keys) each concurrency key's holders")
     p.add_argument("--status")
     p.add_argument("--workflow")
+    p.add_argument("--key", help="only runs of this concurrency key")
+    p.add_argument("--keys", action="store_true", help="holders and queue of each key in use")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
 
@@ -64,7 +73,11 @@ def register(sub: Any) -> None:
         p.add_argument("--idempotency-key")
         p.add_argument("--reason")
 
-    verb("sweep", cmd_sweep, "re-push the outbox and reap expired leases once")
+    from executor.cli import events
+
+    events.register(verb)
+
+    verb("sweep", cmd_sweep, "re-push undecided outbox rows, expire leases, fire timers once")
 
     p = verb(
         "verify",
@@ -157,6 +170,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             args.workflow,
             json.loads(args.input),
             concurrency_key=args.concurrency_key,
+            concurrency_limit=args.concurrency_limit,
+            on_conflict=args.on_conflict,
             idempotency_key=args.idempotency_key,
         )
         print(run_id)
@@ -168,27 +183,80 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    if args.keys:
+        return _keys(args)
     clauses, params = [], []
-    if args.status:
-        clauses.append("status = %s")
-        params.append(args.status)
-    if args.workflow:
-        clauses.append("workflow = %s")
-        params.append(args.workflow)
+    for column, value in (
+        ("status", args.status),
+        ("workflow", args.workflow),
+        ("concurrency_key", args.key),
+    ):
+        if value:
+            clauses.append(f"{column} = %s")
+            params.append(value)
     where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
     with _client() as client, client.pool.connection() as conn:
         rows = conn.execute(
-            "SELECT run_id, workflow, status, concurrency_key, last_seq, created_at "
-            f"FROM executor.runs {where} ORDER BY created_at DESC, run_id DESC LIMIT %s",
+            "SELECT run_id, workflow, status, concurrency_key, concurrency_slot, last_seq, "
+            f"parent_run_id, created_at FROM executor.runs {where} "
+            "ORDER BY created_at DESC, run_id DESC LIMIT %s",
             (*params, args.limit),
         ).fetchall()
     if args.json:
         print(json.dumps(rows, default=str, indent=2))
         return 0
     _table(
-        ["run_id", "workflow", "status", "events", "created"],
+        ["run_id", "workflow", "status", "key", "events", "created"],
         [
-            [r["run_id"], r["workflow"], r["status"], r["last_seq"], f"{r['created_at']:%H:%M:%S}"]
+            [
+                r["run_id"],
+                r["workflow"],
+                r["status"],
+                _key_cell(r),
+                r["last_seq"],
+                f"{r['created_at']:%H:%M:%S}",
+            ]
+            for r in rows
+        ],
+    )
+    return 0
+
+
+def _key_cell(row: dict[str, Any]) -> str:
+    if row["concurrency_key"] is None:
+        return ""
+    slot = row["concurrency_slot"]
+    return f"{row['concurrency_key']}" + (f" (slot {slot})" if slot is not None else "")
+
+
+def _keys(args: argparse.Namespace) -> int:
+    """Each key some run holds or waits for: its limit, its holders, its queue (oldest first)."""
+    with _client() as client, client.pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT k.concurrency_key, k.concurrency_limit,"
+            " array_agg(r.run_id ORDER BY r.concurrency_slot)"
+            "   FILTER (WHERE r.concurrency_slot IS NOT NULL) AS holders,"
+            " array_agg(r.run_id ORDER BY r.queue_position)"
+            "   FILTER (WHERE r.status = 'queued') AS queued"
+            " FROM executor.concurrency_keys k JOIN executor.runs r USING (concurrency_key)"
+            " WHERE r.status IN ('queued', 'pending', 'running', 'paused')"
+            "   AND (%s::text IS NULL OR k.concurrency_key = %s)"
+            " GROUP BY k.concurrency_key, k.concurrency_limit ORDER BY k.concurrency_key"
+            " LIMIT %s",
+            (args.key, args.key, args.limit),
+        ).fetchall()
+    if args.json:
+        print(json.dumps(rows, default=str, indent=2))
+        return 0
+    _table(
+        ["key", "limit", "holders", "queued (oldest first)"],
+        [
+            [
+                r["concurrency_key"],
+                r["concurrency_limit"],
+                " ".join(r["holders"] or []),
+                " ".join(r["queued"] or []),
+            ]
             for r in rows
         ],
     )
@@ -217,12 +285,21 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     print(f"run {view.run_id}  workflow={view.workflow}  status={view.status}")
     if view.concurrency_key:
-        print(f"concurrency key: {view.concurrency_key}")
+        print(f"concurrency key: {view.concurrency_key} (limit {view.concurrency_limit})")
+    if view.parent_run_id:
+        print(f"child of run {view.parent_run_id}, step {view.parent_step_key}")
     print()
     _table(
-        ["step", "status", "attempt", "depends on"],
+        ["step", "kind", "status", "attempt", "depends on", "waits for"],
         [
-            [s.step_key, s.status, f"{s.attempt}/{s.max_attempts}", ",".join(s.depends_on)]
+            [
+                s.step_key,
+                s.kind,
+                s.status,
+                f"{s.attempt}/{s.max_attempts}",
+                ",".join(s.depends_on),
+                _waits_for(s),
+            ]
             for s in view.steps
         ],
     )
@@ -256,6 +333,19 @@ def cmd_show(args: argparse.Namespace) -> int:
             ],
         )
     return 0
+
+
+def _waits_for(step: Any) -> str:
+    if step.status not in ("sleeping", "waiting"):
+        return f"child run {step.child_run_id}" if step.child_run_id else ""
+    if step.child_run_id:
+        return f"child run {step.child_run_id}"
+    if step.event_name:
+        until = f" (until {step.wake_at:%Y-%m-%d %H:%M:%S})" if step.wake_at else ""
+        return f"event {step.event_name}{until}"
+    if step.wake_at:
+        return f"timer {step.wake_at:%Y-%m-%d %H:%M:%S}"
+    return "its items" if step.kind == "map" else ""
 
 
 def _print_outcome(outcome: Any) -> int:

@@ -81,3 +81,37 @@ def nap(ctx: StepContext) -> dict[str, Any]:
         ctx.heartbeat()
         time.sleep(0.05)
     return {"slept": seconds, "attempt": ctx.attempt}
+
+
+# Every durable primitive in one workflow: a map over a list, a durable timer, an approval
+# sent from outside, and a child run of another workflow.
+onboard = Workflow("onboard", max_attempts=3, backoff=BackoffPolicy(initial=0.05, cap=0.5))
+
+
+@onboard.step
+def accounts(ctx: StepContext) -> list[dict[str, Any]]:
+    count = int(ctx.input.get("accounts", 3)) if isinstance(ctx.input, dict) else 3
+    return [{"id": f"acct-{i}"} for i in range(count)]
+
+
+@onboard.step(depends_on=[accounts], map_over=accounts)
+def provision(ctx: StepContext) -> dict[str, Any]:
+    """One item step per account: `ctx.item` is the element, `ctx.index` its place."""
+    return {"id": ctx.item["id"], "index": ctx.index}
+
+
+cool_off = onboard.sleep("cool_off", seconds=1, depends_on=[provision])
+approval = onboard.wait_for("approval", event="approved", timeout=86_400, depends_on=[cool_off])
+invoice = onboard.child(
+    "invoice",
+    workflow="invoice",
+    input=lambda ctx: {"who": ctx.upstream["approval"]},
+    depends_on=[approval],
+)
+
+billing = Workflow("invoice", max_attempts=2)
+
+
+@billing.step
+def bill(ctx: StepContext) -> dict[str, Any]:
+    return {"billed": ctx.input["who"]}

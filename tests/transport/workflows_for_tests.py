@@ -13,7 +13,7 @@ from executor.commands.models import BackoffPolicy
 from executor.transport.dispatch import Dispatcher, job_id_for
 from executor.transport.runtime import get_runtime
 from executor.transport.worker import ExecutorWorker
-from executor.workflows.definition import StepContext, Workflow
+from executor.workflows.definition import FatalError, StepContext, Workflow
 
 timed = Workflow("t_timed", max_attempts=1, backoff=BackoffPolicy(initial=0))
 
@@ -43,3 +43,56 @@ class DuplicatingWorker(ExecutorWorker):
         runtime = get_runtime()
         runtime.dispatcher = DuplicatingDispatcher(runtime.redis, runtime.settings, runtime.pool)
         runtime.runner.push = runtime.dispatcher.push
+
+
+# Every durable wait in one workflow: a map, a timer, an approval, a child run, a join.
+onboard = Workflow("t_onboard", max_attempts=2, backoff=BackoffPolicy(initial=0))
+
+
+@onboard.step
+def accounts(ctx: StepContext) -> list[dict[str, Any]]:
+    return [{"id": i} for i in range(int(ctx.input["n"]))]
+
+
+@onboard.step(depends_on=[accounts], map_over=accounts)
+def provision(ctx: StepContext) -> dict[str, Any]:
+    return {"id": ctx.item["id"], "index": ctx.index}
+
+
+cool_off = onboard.sleep("cool_off", seconds=0.5, depends_on=[provision])
+approval = onboard.wait_for("approval", event="approved", timeout=120, depends_on=[cool_off])
+invoice = onboard.child(
+    "invoice",
+    workflow="t_invoice",
+    input=lambda ctx: {"who": ctx.upstream["approval"]},
+    depends_on=[approval],
+)
+
+
+@onboard.step(depends_on=[invoice, provision])
+def welcome(ctx: StepContext) -> dict[str, Any]:
+    return {"accounts": len(ctx.upstream["provision"]), "invoice": ctx.upstream["invoice"]}
+
+
+billing = Workflow("t_invoice", max_attempts=1)
+
+
+@billing.step
+def bill(ctx: StepContext) -> dict[str, Any]:
+    if ctx.input["who"] == "nobody":
+        raise FatalError("no one to bill")
+    return {"billed": ctx.input["who"]}
+
+
+# Sixty item steps under a workflow rate limit of 20 starts a second, across all workers.
+limited = Workflow("t_limited", max_attempts=1, rate_limit="20/s")
+
+
+@limited.step
+def many(ctx: StepContext) -> list[int]:
+    return list(range(int(ctx.input["n"])))
+
+
+@limited.step(depends_on=[many], map_over=many)
+def each(ctx: StepContext) -> int:
+    return int(ctx.item)
