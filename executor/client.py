@@ -174,7 +174,7 @@ class Client:
 
     def apply(self, command: Command) -> Outcome:
         """Commit the command now and push the jobs it caused; returns the outcome."""
-        if getattr(command, "continue_on", None) is not None:
+        if getattr(command, "continue_on", None) or getattr(command, "continue_with", None):
             # It promises to run the step it starts; only the worker running the chain can.
             raise ExecutorError("continue_on is for the worker that will run the started step")
         if isinstance(command, CreateRun) and command.parent_run_id is not None:

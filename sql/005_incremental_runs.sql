@@ -166,13 +166,14 @@ CREATE TABLE executor.hooks (
 
 -- The first round trip of every command -------------------------------------------------
 -- Lock the run (for a launch, its concurrency key); read the idempotency key; lock the step
--- the command names with its dependants and its map (for a launch, read the key's holders). Each query in a VOLATILE
+-- the command names with its dependants and its map, and `p_also` (a step a completion may
+-- start in place); for a launch, read the key's holders. Each query in a VOLATILE
 -- PL/pgSQL function takes a new snapshot, so everything after the run lock is read as
 -- committed by whoever held that lock before us.
 DROP FUNCTION executor.lock_for_command(text, text, boolean);
 CREATE FUNCTION executor.lock_for_command(
     p_run_id text, p_key text, p_step_key text, p_fence text, p_launch_key text,
-    p_launch_limit integer)
+    p_launch_limit integer, p_also text)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -185,6 +186,8 @@ DECLARE
     v_key jsonb;
     v_limit integer;
     v_keys text[];
+    v_one text;
+    v_row jsonb;
 BEGIN
     SELECT to_jsonb(r) INTO v_run FROM executor.runs AS r WHERE run_id = p_run_id FOR UPDATE;
     IF v_run IS NULL AND p_launch_key IS NOT NULL THEN
@@ -199,22 +202,27 @@ BEGIN
     FROM executor.receipts WHERE idempotency_key = p_key;
     IF v_outcome IS NOT NULL THEN
         IF p_fence IS NOT NULL AND v_run IS NOT NULL THEN
-            SELECT to_jsonb(s) INTO v_owned FROM executor.steps AS s
+            SELECT to_jsonb(s) || jsonb_build_object('ctid', s.ctid::text) INTO v_owned
+            FROM executor.steps AS s
             WHERE s.run_id = p_run_id AND s.status = 'running' AND s.fence = p_fence
             LIMIT 1;
         END IF;
     ELSIF v_run IS NOT NULL AND p_step_key IS NOT NULL THEN
-        -- The keys first, then the rows by primary key: as one join the planner may scan
-        -- every step of the run.
-        SELECT t.dependants || p_step_key || t.parent_step INTO v_keys
+        -- The keys first, then each row by its whole primary key, in key order. Asked for
+        -- all at once (a join, or step_key = ANY), a planner that believes a run has few
+        -- steps reads every step of the run to find them.
+        SELECT t.dependants || p_step_key || t.parent_step || p_also INTO v_keys
         FROM executor.steps AS t WHERE t.run_id = p_run_id AND t.step_key = p_step_key;
-        SELECT coalesce(jsonb_agg(to_jsonb(s) ORDER BY s.step_key), '[]') INTO v_steps
-        FROM (
-            SELECT * FROM executor.steps AS x
-            WHERE x.run_id = p_run_id AND x.step_key = ANY (v_keys)
-            ORDER BY x.step_key
-            FOR UPDATE
-        ) AS s;
+        FOR v_one IN SELECT DISTINCT k FROM unnest(v_keys) AS k WHERE k IS NOT NULL ORDER BY k
+        LOOP
+            SELECT to_jsonb(x) || jsonb_build_object('ctid', x.ctid::text) INTO v_row
+            FROM executor.steps AS x
+            WHERE x.run_id = p_run_id AND x.step_key = v_one
+            FOR UPDATE;
+            IF v_row IS NOT NULL THEN
+                v_steps := v_steps || jsonb_build_array(v_row);
+            END IF;
+        END LOOP;
     ELSIF v_run IS NULL AND p_launch_key IS NOT NULL THEN
         SELECT jsonb_build_object(
             'limit', v_limit,

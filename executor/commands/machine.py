@@ -83,7 +83,7 @@ def decide(
         step = _attempt_step(t, command.step_key, command.attempt, "running", command.fence)
         p.complete(t, step, command.output, fence=command.fence)
         if command.continue_on is not None:
-            p.continue_inline(t, command.continue_on)
+            p.continue_inline(t, command.continue_on, also=command.continue_with)
     elif isinstance(command, FailStep):
         step = _attempt_step(t, command.step_key, command.attempt, "running", command.fence)
         error = {

@@ -241,11 +241,15 @@ class CompleteStep(_OwnerCommand):
     `continue_on` names the queue of the job that ran the step: the sender will run one
     dependant this completion makes ready, routed to that queue and without a timeout of its
     own, itself, so the same transaction also starts it and no job is enqueued for it.
+    `continue_with` names a step of the run the sender was handed earlier (queued, its job
+    kept back because the queue was busy): if no dependant continues, that one is started
+    here instead, if it is still queued.
     """
 
     type: Literal["complete_step"] = "complete_step"
     output: JsonValue = None
     continue_on: Identifier | None = None
+    continue_with: StepKey | None = None
 
 
 class FailStep(_OwnerCommand):

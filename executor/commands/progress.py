@@ -279,22 +279,37 @@ def cancel_children(t: Transition, steps: list[StepRow], reason: str | None) -> 
             )
 
 
-def continue_inline(t: Transition, queue_name: str) -> None:
-    """Start one just-queued step here, for the sending worker to run in place.
+def continue_inline(t: Transition, queue_name: str, *, also: str | None = None) -> None:
+    """Start one queued step here, for the sending worker to run in place: one this
+    transaction made ready, else `also`, a step the sender holds back, if still queued.
 
     Only a step routed to the worker's own queue and with no timeout of its own qualifies:
     the job already running was armed with its queue's timeout, and routing must hold.
     """
+
+    def fits(step: StepRow | None) -> bool:
+        return (
+            step is not None
+            and step.queue == queue_name
+            and step.timeout_seconds is None
+            and step.status == "queued"
+        )
+
     for followup in t.followups:
         command = followup.command
         if not isinstance(command, StartStep) or command.run_id != t.run.run_id:
             continue
         step = t.steps[command.step_key]
-        if step.queue == queue_name and step.timeout_seconds is None and step.status == "queued":
+        if fits(step):
             t.followups.remove(followup)
             start(t, step)
             t.continued = step
             return
+    held = None if also is None else t.step(also)
+    if held is not None and fits(held) and t.run.status == "running":
+        start(t, held)
+        t.spent_keys.append(f"start_step:{t.run.run_id}:{held.step_key}:{held.attempt}")
+        t.continued = held
 
 
 def start(t: Transition, step: StepRow) -> None:

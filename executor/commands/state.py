@@ -96,6 +96,8 @@ class StepRow:
     wake_at: datetime | None = None
     event_name: str | None = None
     child_run_id: str | None = None
+    ctid: str | None = field(default=None, compare=False)
+    """Where the locked row version is: the handler updates it by that, not by key."""
     dirty: bool = field(default=False, compare=False)
     new: bool = field(default=False, compare=False)
 

@@ -76,9 +76,9 @@ class _Pending:
     outcome: Outcome
     error: Exception | None = None
     outbox: psycopg.Cursor[dict[str, Any]] | None = None
-    context: tuple[StepRow, Transition | dict[str, Any], psycopg.Cursor[dict[str, Any]]] | None = (
-        None
-    )
+    context: (
+        tuple[StepRow, Transition | dict[str, Any], psycopg.Cursor[dict[str, Any]] | None] | None
+    ) = None
 
 
 class Ledger:
@@ -246,6 +246,7 @@ class Ledger:
                 fence,
                 launch_key,
                 getattr(command, "concurrency_limit", 1),
+                getattr(command, "continue_with", None),
             ),
         ).fetchone()
         assert row is not None
@@ -370,12 +371,12 @@ def _insert_drop(conn: Conn, command: Command, reason: str, detail: str) -> None
 
 def _upstream(
     conn: Conn, run_id: str, step: StepRow, t: Transition | None
-) -> psycopg.Cursor[dict[str, Any]]:
-    """Outputs of the started step's upstream, read in the commit's round trip. Completed
-    steps never change, so reading them outside any lock would do as well."""
+) -> psycopg.Cursor[dict[str, Any]] | None:
+    """Outputs of the started step's upstream not already in hand, read in the commit's round
+    trip (None: nothing to read). Completed steps never change, so any snapshot would do."""
     known = () if t is None else tuple(d for d in step.depends_on if d in t.steps)
     wanted = [d for d in step.depends_on if d not in known]
-    return conn.execute(q.OUTPUTS, (run_id, wanted))
+    return conn.execute(q.OUTPUTS, (wanted, run_id)) if wanted else None
 
 
 def _read_back(pending: _Pending) -> None:
@@ -387,7 +388,7 @@ def _read_back(pending: _Pending) -> None:
             updates["followups"] = tuple(OutboxItem.model_validate(r) for r in rows)
     if pending.context is not None:
         step, where, cursor = pending.context
-        upstream = {r["step_key"]: r["output"] for r in cursor.fetchall()}
+        upstream = {r["step_key"]: r["output"] for r in cursor.fetchall()} if cursor else {}
         if isinstance(where, Transition):
             for d in step.depends_on:
                 if d in where.steps:

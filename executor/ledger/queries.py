@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # See sql/005: the run lock, the key, and the rows the command names, in one call.
-LOCK_FOR_COMMAND = "SELECT executor.lock_for_command(%s, %s, %s, %s, %s, %s) AS locked"
+LOCK_FOR_COMMAND = "SELECT executor.lock_for_command(%s, %s, %s, %s, %s, %s, %s) AS locked"
 
 INSERT_RECEIPT = """
 INSERT INTO executor.receipts
@@ -51,9 +51,19 @@ SPEND_OUTBOX = "DELETE FROM executor.outbox WHERE run_id = %s AND idempotency_ke
 
 # --- reads a decision may pull in (RowSource); each locks what it returns -----------------
 
-_STEP = "SELECT * FROM executor.steps WHERE run_id = %s"
+_STEP = "SELECT *, ctid::text AS ctid FROM executor.steps WHERE run_id = %s"
 
-STEPS_BY_KEY = f"{_STEP} AND step_key = ANY(%s) ORDER BY step_key FOR UPDATE"
+# One lookup by the whole primary key per step, in key order: asked for with step_key =
+# ANY(...), a planner that believes a run has few steps reads every step of the run.
+STEPS_BY_KEY = """
+SELECT s.* FROM unnest(%s::text[]) WITH ORDINALITY AS k(step_key, n)
+CROSS JOIN LATERAL (
+    SELECT *, ctid::text AS ctid FROM executor.steps
+    WHERE run_id = %s AND step_key = k.step_key
+    FOR UPDATE
+) AS s
+ORDER BY k.n
+"""
 STEPS_RESUMABLE = (
     f"{_STEP} AND ((status = 'pending' AND waiting_on = 0) OR status = 'retrying') "
     "ORDER BY step_key FOR UPDATE"
@@ -123,19 +133,25 @@ UPDATE executor.concurrency_keys SET concurrency_limit = %s, updated_at = now()
 WHERE concurrency_key = %s AND concurrency_limit <> %s
 """
 
+# New steps go in with their state after this transaction (a root already queued, or
+# started in place), so the UPDATE below only ever touches rows locked before.
 INSERT_STEPS = """
 INSERT INTO executor.steps
     (run_id, step_key, status, attempt, max_attempts, depends_on, queue, timeout_seconds,
-     backoff, kind, dependants, waiting_on, map_over, parent_step, item_index, item)
+     backoff, kind, dependants, waiting_on, map_over, parent_step, item_index, item,
+     output, fence, lease_expires_at, items_total)
 SELECT %s, u.step_key, u.status, u.attempt, u.max_attempts,
        ARRAY(SELECT jsonb_array_elements_text(u.depends_on)), u.queue, u.timeout_seconds,
        u.backoff, u.kind, ARRAY(SELECT jsonb_array_elements_text(u.dependants)), u.waiting_on,
-       u.map_over, u.parent_step, u.item_index, u.item
+       u.map_over, u.parent_step, u.item_index, u.item, u.output, u.fence, u.lease_expires_at,
+       u.items_total
 FROM unnest(%s::text[], %s::text[], %s::int[], %s::int[], %s::jsonb[], %s::text[],
             %s::float8[], %s::jsonb[], %s::text[], %s::jsonb[], %s::int[], %s::text[],
-            %s::text[], %s::int[], %s::jsonb[])
+            %s::text[], %s::int[], %s::jsonb[], %s::jsonb[], %s::text[], %s::timestamptz[],
+            %s::int[])
     AS u(step_key, status, attempt, max_attempts, depends_on, queue, timeout_seconds, backoff,
-         kind, dependants, waiting_on, map_over, parent_step, item_index, item)
+         kind, dependants, waiting_on, map_over, parent_step, item_index, item, output, fence,
+         lease_expires_at, items_total)
 """
 
 # Every write of an applied command in one statement: data-modifying CTEs share the
@@ -158,17 +174,18 @@ WITH receipt AS (
         waiting_on = u.waiting_on, items_total = u.items_total, items_done = u.items_done,
         fence = u.fence, wake_at = u.wake_at, event_name = u.event_name,
         child_run_id = u.child_run_id, updated_at = now()
-    FROM unnest(%(s_key)s::text[], %(s_status)s::text[], %(s_attempt)s::int[],
+    FROM unnest(%(s_ctid)s::tid[], %(s_key)s::text[], %(s_status)s::text[], %(s_attempt)s::int[],
                 %(s_output)s::jsonb[], %(s_error)s::jsonb[], %(s_lease)s::timestamptz[],
                 %(s_next)s::timestamptz[], %(s_waiting_on)s::int[], %(s_items_total)s::int[],
                 %(s_items_done)s::int[], %(s_fence)s::text[], %(s_wake)s::timestamptz[],
                 %(s_event)s::text[], %(s_child)s::text[])
-        AS u(step_key, status, attempt, output, error, lease_expires_at, next_attempt_at,
-             waiting_on, items_total, items_done, fence, wake_at, event_name, child_run_id)
-    -- ANY(...) keeps the scan on the primary key: a join on step_key alone may read every
-    -- step of the run.
-    WHERE s.run_id = %(run_id)s AND s.step_key = ANY(%(s_key)s::text[])
-      AND s.step_key = u.step_key
+        AS u(ctid, step_key, status, attempt, output, error, lease_expires_at,
+             next_attempt_at, waiting_on, items_total, items_done, fence, wake_at, event_name,
+             child_run_id)
+    -- By the row versions this transaction locked (a TID scan): a join on the key may be
+    -- planned as a read of every step of the run.
+    WHERE s.ctid = ANY(%(s_ctid)s::tid[]) AND s.ctid = u.ctid
+      AND s.run_id = %(run_id)s AND s.step_key = u.step_key
 ), changed_run AS (
     UPDATE executor.runs
     SET status = %(r_status)s, output = %(r_output)s, error = %(r_error)s,
@@ -232,7 +249,10 @@ WHERE run_id = %s AND received_seq = %s
 NOTIFY_ENDED = "SELECT pg_notify('executor_run_ended', %s)"
 
 OUTPUTS = """
-SELECT step_key, output FROM executor.steps WHERE run_id = %s AND step_key = ANY(%s)
+SELECT s.step_key, s.output FROM unnest(%s::text[]) AS k(step_key)
+CROSS JOIN LATERAL (
+    SELECT step_key, output FROM executor.steps WHERE run_id = %s AND step_key = k.step_key
+) AS s
 """
 
 # Heartbeats extend a lease without an event; attempt, fence and status in the WHERE clause

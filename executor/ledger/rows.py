@@ -78,6 +78,7 @@ def step_from_row(row: dict[str, Any]) -> StepRow:
         wake_at=timestamp(row["wake_at"]),
         event_name=row["event_name"],
         child_run_id=row["child_run_id"],
+        ctid=row.get("ctid"),
     )
 
 
@@ -108,7 +109,8 @@ class DbSource:
         wanted = sorted(set(keys))
         if not wanted:
             return {}
-        return {s.step_key: s for s in self._steps(q.STEPS_BY_KEY, wanted)}
+        rows = self.conn.execute(q.STEPS_BY_KEY, (wanted, self.run_id)).fetchall()
+        return {r["step_key"]: step_from_row(r) for r in rows}
 
     def resumable(self) -> list[StepRow]:
         return self._steps(q.STEPS_RESUMABLE)

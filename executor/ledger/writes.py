@@ -71,9 +71,14 @@ def write(
                 [s.parent_step for s in new],
                 [s.item_index for s in new],
                 [_jsonb(s.item) for s in new],
+                [_jsonb(s.output) for s in new],
+                [s.fence for s in new],
+                [s.lease_expires_at for s in new],
+                [s.items_total for s in new],
             ),
         )
-    changed = [s for s in t.steps.values() if s.dirty]
+    changed = [s for s in t.steps.values() if s.dirty and not s.new]
+    assert all(s.ctid for s in changed), "a changed step was not read under this lock"
     outbox = conn.execute(
         q.WRITE_CHANGES,
         {
@@ -87,6 +92,7 @@ def write(
             "last_seq": last,
             "spent": [command.idempotency_key, *t.spent_keys],
             "grace": grace,
+            "s_ctid": [s.ctid for s in changed],
             "s_key": [s.step_key for s in changed],
             "s_status": [s.status for s in changed],
             "s_attempt": [s.attempt for s in changed],

@@ -45,6 +45,7 @@ class Leader:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="executor-leader", daemon=True)
         self._next_sweep = 0.0
+        self._next_check = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -76,8 +77,9 @@ class Leader:
             self.leading = bool(row and row[0])
             if self.leading:
                 log.info("leader: this process now fires timers and runs the sweep")
-        else:
+        elif time.monotonic() >= self._next_check:
             self._conn.execute("SELECT 1")  # still connected, so still holding the lock
+            self._next_check = time.monotonic() + self.retry_interval * 5
         return self.leading
 
     def tick(self) -> float:

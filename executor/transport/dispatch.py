@@ -178,6 +178,14 @@ class Dispatcher:
                 return "replaced"
         return "present"
 
+    def backlogged(self, queue: str) -> bool:
+        """Whether jobs wait on `queue`: every worker on it has work, none would take a new
+        job at once. Errors count as not busy (the job is then pushed, the safe choice)."""
+        try:
+            return bool(self.redis.llen(self._queue(self.route(queue)).key))
+        except redis.RedisError:
+            return False
+
     # --- internals ---------------------------------------------------------------------------
 
     def _off_queue(self, job_id: str, origin: bytes | str | None) -> bool:

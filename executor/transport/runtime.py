@@ -94,6 +94,7 @@ def build_runtime(
         dispatcher.push,
         heartbeat_interval=settings.heartbeat_interval,
         may_continue=lambda workflow, queue: not limits.of(workflow, queue),
+        busy=dispatcher.backlogged,
     )
     return Runtime(
         settings=settings,

@@ -116,13 +116,16 @@ class StepRunner:
         *,
         heartbeat_interval: float = 10.0,
         may_continue: Callable[[str, str], bool] | None = None,
+        busy: Callable[[str], bool] | None = None,
     ) -> None:
         """`may_continue(workflow, queue)` says whether a step may start in place without a
-        trip through the queue (not when a rate limit must see every start)."""
+        trip through the queue (not when a rate limit must see every start); `busy(queue)`
+        whether the queue has work waiting, so no worker is idle to take a job of ours."""
         self.ledger = ledger
         self.push = push
         self.heartbeat_interval = heartbeat_interval
         self.may_continue = may_continue or (lambda workflow, queue: True)
+        self.busy = busy or (lambda queue: False)
 
     def apply(self, command: Command, *, rearm: Callable[[], None] | None = None) -> Outcome:
         """Apply `command` and learn its outcome, however long the answer takes.
@@ -190,39 +193,80 @@ class StepRunner:
         deadline = time.monotonic() + continue_for
         info = outcome.step_context
         last = outcome
-        while info is not None:
-            if last is not outcome and on_continue is not None:
-                on_continue()
-            may_continue = (
-                info.queue
-                if info.timeout_seconds is None
-                and time.monotonic() < deadline
-                and self.may_continue(info.workflow, info.queue)
-                else None
-            )
-            final = observability.step_attempt(  # observability
-                self.ledger.pool, run_id, info, self._attempt, run_id, info, fence, may_continue
-            )
-            if final is None:
-                return last
-            ended = self.apply(final, rearm=on_continue)
-            last = ended
-            if ended.applied:
-                self.push(ended.followups)
-                info = ended.step_context if ended.continued else None
-            elif ended.owner:
-                # Our first try committed unseen and started a step for us to run in place.
-                info = ended.step_context
-            else:
-                if ended.reason != "duplicate":
-                    log.warning(
-                        "result of %s dropped: %s (%s)",
-                        final.describe(),
-                        ended.reason,
-                        ended.detail,
-                    )
-                return ended
-        return last
+        held: list[OutboxItem] = []
+        try:
+            while info is not None:
+                if last is not outcome and on_continue is not None:
+                    on_continue()
+                may_continue = (
+                    info.queue
+                    if info.timeout_seconds is None
+                    and time.monotonic() < deadline
+                    and self.may_continue(info.workflow, info.queue)
+                    else None
+                )
+                final = observability.step_attempt(  # observability
+                    self.ledger.pool, run_id, info, self._attempt, run_id, info, fence, may_continue
+                )
+                if final is None:
+                    return last
+                if isinstance(final, CompleteStep) and may_continue and held:
+                    final = final.model_copy(update={"continue_with": held[0].command["step_key"]})
+                ended = self.apply(final, rearm=on_continue)
+                last = ended
+                if ended.applied or ended.owner:
+                    # An owner's duplicate: our first try committed unseen; what it started
+                    # is ours to run, and the relay pushes what it queued.
+                    if ended.applied:
+                        self.push(self._hold(ended.followups, held, run_id, may_continue))
+                    info = ended.step_context if (ended.continued or ended.owner) else None
+                    if info is not None and held and held[0].command["step_key"] == info.step_key:
+                        held.pop(0)
+                    if info is None and held and time.monotonic() < deadline:
+                        info = self._start_held(held, fence, on_continue)
+                else:
+                    if ended.reason != "duplicate":
+                        log.warning(
+                            "result of %s dropped: %s (%s)",
+                            final.describe(),
+                            ended.reason,
+                            ended.detail,
+                        )
+                    return ended
+            return last
+        finally:
+            self.push(held)  # whatever we did not get to goes to whoever is free
+
+    def _hold(
+        self,
+        followups: Sequence[OutboxItem],
+        held: list[OutboxItem],
+        run_id: str,
+        queue: str | None,
+    ) -> list[OutboxItem]:
+        """Keep back the starts this worker could run next while its queue is busy anyway;
+        returns the rest, to push. A kept start's outbox row stays: if this worker dies, the
+        relay pushes it once the grace is over."""
+        if queue is None or not any(_startable(f, run_id, queue) for f in followups):
+            return list(followups)
+        if not self.busy(queue):
+            return list(followups)
+        rest: list[OutboxItem] = []
+        for item in followups:
+            (held if _startable(item, run_id, queue) else rest).append(item)
+        return rest
+
+    def _start_held(
+        self, held: list[OutboxItem], fence: str, rearm: Callable[[], None] | None
+    ) -> StepContextInfo | None:
+        """Start the next kept-back step under our fence; None if none could start."""
+        while held:
+            item = held.pop(0)
+            start = StartStep.model_validate({**item.command, "fence": fence})
+            outcome = self.apply(start, rearm=rearm)
+            if outcome.applied or outcome.owner:
+                return outcome.step_context
+        return None
 
     def _attempt(
         self, run_id: str, info: StepContextInfo, fence: str, continue_on: str | None
@@ -301,6 +345,16 @@ class StepRunner:
             # wait it cannot keep (a naive datetime): retrying cannot fix that, so say so once
             # instead of max_attempts times.
             return _failure(ids, exc, retryable=False)
+
+
+def _startable(item: OutboxItem, run_id: str, queue: str) -> bool:
+    command = item.command
+    return (
+        command.get("type") == "start_step"
+        and command.get("run_id") == run_id
+        and item.queue == queue
+        and item.timeout_seconds is None
+    )
 
 
 def _definition(workflow: str, step_key: str) -> StepDefinition:

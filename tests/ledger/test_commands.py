@@ -921,3 +921,29 @@ def test_drops(
 def test_every_drop_reason_decide_can_give_is_exercised() -> None:
     # duplicate and busy are the handler's, not the state machine's
     assert {case[4] for case in DROP_CASES} == set(DROP_REASONS) - {"duplicate", "busy"}
+
+
+def test_a_completion_starts_a_held_step_when_no_dependant_continues() -> None:
+    steps = steps_of(
+        step_row("a", "running", 1),
+        step_row("b", "queued", 1),  # its job was kept back by the worker running `a`
+        step_row("j", depends_on=("a", "b")),
+    )
+    done = CompleteStep(
+        fence=F, run_id="r1", step_key="a", attempt=1, continue_on="default", continue_with="b"
+    )
+    t = go(done, run_row(), steps)
+    assert kinds(t) == [("step_completed", "a", 1), ("step_started", "b", 1)]
+    assert t.continued is t.steps["b"]
+    assert t.steps["b"].fence == F
+    assert t.spent_keys == ["start_step:r1:b:1"]  # its kept-back job's outbox row goes too
+
+
+def test_a_held_step_someone_else_started_is_left_alone() -> None:
+    steps = steps_of(step_row("a", "running", 1), step_row("b", "running", 1, fence="other"))
+    done = CompleteStep(
+        fence=F, run_id="r1", step_key="a", attempt=1, continue_on="default", continue_with="b"
+    )
+    t = go(done, run_row(), steps)
+    assert kinds(t) == [("step_completed", "a", 1)]
+    assert t.continued is None

@@ -181,17 +181,24 @@ def test_every_job_delivered_twice_changes_nothing_and_every_duplicate_is_record
     for d in drops:
         by_kind[(d["reason"], d["command_type"])] += d["n"]
     # Every job that carried a command was delivered twice: one start_run per run, and one
-    # start_step per step that travelled as a job. The others were started in place by the
-    # transaction that made them ready (`first` by the start_run, one branch by `first`'s
-    # completion, the join `last` by the second branch's), so only the other branch travels.
+    # start_step per step that travelled as a job. The others were started in place (`first`
+    # by the start_run, one branch by `first`'s completion, the join `last` by the second
+    # branch's), and the second branch travels only when its worker let it go: it keeps it
+    # back and starts it with its next completion when the queue is busy.
     (jobs,) = rows(
         db_url,
         "SELECT count(*) AS n FROM executor.receipts WHERE run_id = ANY(%s)"
         " AND command_type = 'start_step' AND outcome = 'applied'",
         run_ids,
     )
-    assert jobs["n"] == len(run_ids)
-    assert by_kind == {("duplicate", "start_run"): 20, ("duplicate", "start_step"): jobs["n"]}
+    # A kept-back branch the relay pushed meanwhile (its grace is 1 s here) arrives after its
+    # worker started it in place: that late start is refused as invalid_transition.
+    late = by_kind.pop(("invalid_transition", "start_step"), 0)
+    assert 0 <= jobs["n"] <= len(run_ids)
+    expected = {("duplicate", "start_run"): 20}
+    if jobs["n"] or late:
+        expected[("duplicate", "start_step")] = jobs["n"] + late
+    assert by_kind == expected
     assert_verified(db_url)
 
 
