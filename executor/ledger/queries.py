@@ -54,13 +54,16 @@ SPEND_OUTBOX = "DELETE FROM executor.outbox WHERE run_id = %s AND idempotency_ke
 _STEP = "SELECT *, ctid::text AS ctid FROM executor.steps WHERE run_id = %s"
 
 # One lookup by the whole primary key per step, in key order: asked for with step_key =
-# ANY(...), a planner that believes a run has few steps reads every step of the run.
+# ANY(...), or as a join the planner may flatten (OFFSET 0 keeps it from that), a planner
+# that believes a run has few steps reads every step of the run. The same holds for every
+# statement below that names rows of one run by key.
 STEPS_BY_KEY = """
 SELECT s.* FROM unnest(%s::text[]) WITH ORDINALITY AS k(step_key, n)
 CROSS JOIN LATERAL (
     SELECT *, ctid::text AS ctid FROM executor.steps
     WHERE run_id = %s AND step_key = k.step_key
     FOR UPDATE
+    OFFSET 0
 ) AS s
 ORDER BY k.n
 """
@@ -165,8 +168,13 @@ WITH receipt AS (
     VALUES (%(key)s, %(run_id)s, %(step_key)s::text, %(attempt)s::int, %(command_type)s,
             %(command)s, 'applied', %(first_seq)s, %(last_seq)s)
 ), spent AS (
-    DELETE FROM executor.outbox
-    WHERE run_id = %(run_id)s AND idempotency_key = ANY(%(spent)s::text[])
+    DELETE FROM executor.outbox WHERE outbox_id IN (
+        SELECT o.outbox_id FROM unnest(%(spent)s::text[]) AS k(key)
+        CROSS JOIN LATERAL (
+            SELECT outbox_id FROM executor.outbox
+            WHERE run_id = %(run_id)s AND idempotency_key = k.key
+            OFFSET 0
+        ) AS o)
 ), changed_steps AS (
     UPDATE executor.steps AS s
     SET status = u.status, attempt = u.attempt, output = u.output, error = u.error,
@@ -182,10 +190,9 @@ WITH receipt AS (
         AS u(ctid, step_key, status, attempt, output, error, lease_expires_at,
              next_attempt_at, waiting_on, items_total, items_done, fence, wake_at, event_name,
              child_run_id)
-    -- By the row versions this transaction locked (a TID scan): a join on the key may be
-    -- planned as a read of every step of the run.
-    WHERE s.ctid = ANY(%(s_ctid)s::tid[]) AND s.ctid = u.ctid
-      AND s.run_id = %(run_id)s AND s.step_key = u.step_key
+    -- By the row versions this transaction locked (a TID scan, the only path left): a
+    -- join on the key may be planned as a read of every step of the run.
+    WHERE s.ctid = ANY(%(s_ctid)s::tid[]) AND s.ctid = u.ctid AND s.step_key = u.step_key
 ), changed_run AS (
     UPDATE executor.runs
     SET status = %(r_status)s, output = %(r_output)s, error = %(r_error)s,
@@ -252,6 +259,7 @@ OUTPUTS = """
 SELECT s.step_key, s.output FROM unnest(%s::text[]) AS k(step_key)
 CROSS JOIN LATERAL (
     SELECT step_key, output FROM executor.steps WHERE run_id = %s AND step_key = k.step_key
+    OFFSET 0
 ) AS s
 """
 

@@ -36,10 +36,6 @@ def configure_connection(conn: psycopg.Connection[dict[str, Any]]) -> None:
     # Autocommit: the handler opens its own explicit transactions, and readers must never
     # sit idle in a transaction holding a snapshot.
     conn.autocommit = True
-    # A generic plan (what a prepared statement, and PL/pgSQL, switch to after five runs)
-    # may read every step of a run to find one by key; a custom plan uses the whole key.
-    # Planning each time costs microseconds; the generic plan cost O(run width).
-    conn.execute("SET plan_cache_mode = force_custom_plan")
 
 
 def open_pool(
