@@ -60,7 +60,7 @@ class QueueSettings(_Model):
 
     name: Name
     job_timeout: Annotated[int, Field(ge=1, le=7 * 86_400)] = 180
-    result_ttl: Annotated[int, Field(ge=0, le=30 * 86_400)] = 300
+    result_ttl: Annotated[int, Field(ge=0, le=30 * 86_400)] = 0
     failure_ttl: Annotated[int, Field(ge=1, le=365 * 86_400)] = 86_400
     rate_limit: Annotated[str, Field(pattern=RATE_PATTERN)] | None = None
     """Step starts allowed on this queue across all workers, e.g. "50/s", "100/m"."""
