@@ -166,7 +166,7 @@ WITH receipt AS (
         (idempotency_key, run_id, step_key, attempt, command_type, command, outcome,
          first_seq, last_seq)
     VALUES (%(key)s, %(run_id)s, %(step_key)s::text, %(attempt)s::int, %(command_type)s,
-            %(command)s, 'applied', %(first_seq)s, %(last_seq)s)
+            %(command)s::jsonb, 'applied', %(first_seq)s, %(last_seq)s)
 ), spent AS (
     DELETE FROM executor.outbox WHERE outbox_id IN (
         SELECT o.outbox_id FROM unnest(%(spent)s::text[]) AS k(key)
@@ -182,39 +182,39 @@ WITH receipt AS (
         waiting_on = u.waiting_on, items_total = u.items_total, items_done = u.items_done,
         fence = u.fence, wake_at = u.wake_at, event_name = u.event_name,
         child_run_id = u.child_run_id, updated_at = now()
-    FROM unnest(%(s_ctid)s::tid[], %(s_key)s::text[], %(s_status)s::text[], %(s_attempt)s::int[],
-                %(s_output)s::jsonb[], %(s_error)s::jsonb[], %(s_lease)s::timestamptz[],
-                %(s_next)s::timestamptz[], %(s_waiting_on)s::int[], %(s_items_total)s::int[],
-                %(s_items_done)s::int[], %(s_fence)s::text[], %(s_wake)s::timestamptz[],
-                %(s_event)s::text[], %(s_child)s::text[])
-        AS u(ctid, step_key, status, attempt, output, error, lease_expires_at,
-             next_attempt_at, waiting_on, items_total, items_done, fence, wake_at, event_name,
-             child_run_id)
+    FROM jsonb_to_recordset(%(steps)s::jsonb) AS u(
+        ctid tid, step_key text, status text, attempt int, output jsonb, error jsonb,
+        lease_expires_at timestamptz, next_attempt_at timestamptz, waiting_on int,
+        items_total int, items_done int, fence text, wake_at timestamptz, event_name text,
+        child_run_id text)
     -- By the row versions this transaction locked (a TID scan, the only path left): a
     -- join on the key may be planned as a read of every step of the run.
     WHERE s.ctid = ANY(%(s_ctid)s::tid[]) AND s.ctid = u.ctid AND s.step_key = u.step_key
 ), changed_run AS (
     UPDATE executor.runs
-    SET status = %(r_status)s, output = %(r_output)s, error = %(r_error)s,
+    SET status = %(r_status)s, output = %(r_output)s::jsonb, error = %(r_error)s::jsonb,
         last_seq = %(last_seq)s, concurrency_slot = %(r_slot)s,
         steps_total = %(r_total)s, steps_completed = %(r_completed)s,
-        steps_active = %(r_active)s, steps_failed = %(r_failed)s, updated_at = now()
+        steps_active = %(r_active)s, steps_failed = %(r_failed)s,
+        updated_at = CASE WHEN status = %(r_status)s THEN updated_at ELSE now() END
     WHERE run_id = %(run_id)s
 ), appended AS (
     INSERT INTO executor.events (run_id, seq, type, step_key, attempt, idempotency_key, payload)
     SELECT %(run_id)s, %(first_seq)s::bigint + u.n - 1, u.type, u.step_key, u.attempt, %(key)s,
-           u.payload
-    FROM unnest(%(e_type)s::text[], %(e_step)s::text[], %(e_attempt)s::int[],
-                %(e_payload)s::jsonb[]) WITH ORDINALITY AS u(type, step_key, attempt, payload, n)
+           coalesce(u.payload, '{}')
+    FROM ROWS FROM (
+        jsonb_to_recordset(%(events)s::jsonb)
+            AS (type text, step_key text, attempt int, payload jsonb)
+    ) WITH ORDINALITY AS u(type, step_key, attempt, payload, n)
 )
 INSERT INTO executor.outbox
     (run_id, queue, idempotency_key, command, not_before, timeout_seconds, push_after)
 SELECT u.run_id, u.queue, u.idempotency_key, u.command, COALESCE(u.not_before, now()),
        u.timeout_seconds,
        COALESCE(u.not_before, now()) + make_interval(secs => %(grace)s::float8)
-FROM unnest(%(o_run)s::text[], %(o_queue)s::text[], %(o_key)s::text[], %(o_command)s::jsonb[],
-            %(o_not_before)s::timestamptz[], %(o_timeout)s::float8[])
-    AS u(run_id, queue, idempotency_key, command, not_before, timeout_seconds)
+FROM jsonb_to_recordset(%(outbox)s::jsonb) AS u(
+    run_id text, queue text, idempotency_key text, command jsonb, not_before timestamptz,
+    timeout_seconds float8)
 RETURNING outbox_id, run_id, queue, idempotency_key, command, not_before, timeout_seconds
 """
 

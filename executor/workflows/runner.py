@@ -22,9 +22,9 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from types import TracebackType
 
 import psycopg
 
@@ -80,32 +80,59 @@ def plan_run(
     )
 
 
-class _Heartbeat:
-    def __init__(self, beat: Callable[[], bool], interval: float, lost: threading.Event) -> None:
-        self._beat = beat
-        self._interval = interval
-        self._lost = lost
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="executor-heartbeat", daemon=True)
+class _Heartbeats:
+    """One thread per runner beats every attempt it is running, each on its own interval.
+
+    A thread of its own per attempt cost more to start and join than a no-op step costs to
+    run; this one sleeps until the next beat is due, so a step shorter than the interval
+    never beats at all.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._due: dict[int, tuple[float, float, Callable[[], bool], threading.Event]] = {}
+        self._next_id = 0
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def watch(
+        self, beat: Callable[[], bool], interval: float, lost: threading.Event
+    ) -> Iterator[None]:
+        with self._lock:
+            self._next_id += 1
+            ident = self._next_id
+            self._due[ident] = (time.monotonic() + interval, interval, beat, lost)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name="executor-heartbeat", daemon=True
+                )
+                self._thread.start()
+            self._lock.notify()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._due.pop(ident, None)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                if not self._beat():
-                    self._lost.set()
-                    return
-            except Exception:  # the database may be restarting; the lease has slack
-                log.warning("heartbeat failed; will try again", exc_info=True)
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                ready = [(i, d) for i, d in self._due.items() if d[0] <= now]
+                if not ready:
+                    soonest = min((d[0] for d in self._due.values()), default=now + 60.0)
+                    self._lock.wait(max(0.0, soonest - now))
+                    continue
+                for ident, (_, interval, beat, lost) in ready:
+                    self._due[ident] = (now + interval, interval, beat, lost)
+            for ident, (_, _, beat, lost) in ready:
+                try:
+                    if not beat():
+                        lost.set()
+                        with self._lock:
+                            self._due.pop(ident, None)
+                except Exception:  # the database may be restarting; the lease has slack
+                    log.warning("heartbeat failed; will try again", exc_info=True)
 
 
 class StepRunner:
@@ -126,6 +153,7 @@ class StepRunner:
         self.heartbeat_interval = heartbeat_interval
         self.may_continue = may_continue or (lambda workflow, queue: True)
         self.busy = busy or (lambda queue: False)
+        self._heartbeats = _Heartbeats()
 
     def apply(self, command: Command, *, rearm: Callable[[], None] | None = None) -> Outcome:
         """Apply `command` and learn its outcome, however long the answer takes.
@@ -289,7 +317,7 @@ class StepRunner:
             index=info.item_index,
             _beat=beat,
         )
-        with _Heartbeat(beat, self.heartbeat_interval, ctx._lost):
+        with self._heartbeats.watch(beat, self.heartbeat_interval, ctx._lost):
             try:
                 return self._call(ids, info, ctx, continue_on)
             except LeaseLost:
