@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -325,7 +325,7 @@ class Actions:
         self, base: dict[str, Any], outcome: Outcome, seen_attempt: int | None
     ) -> ActionResult:
         action = base["action"]
-        events = tuple(e.model_dump() for e in outcome.events)
+        events = tuple(asdict(e) for e in outcome.events)
         if outcome.applied:
             return ActionResult(
                 **base,

@@ -198,7 +198,7 @@ class Ledger:
                 },
             ).fetchone()
         assert row is not None
-        return OutboxItem.model_validate(row)
+        return OutboxItem(**row)
 
     def extend_lease(
         self, run_id: str, step_key: str, attempt: int, fence: str | None = None
@@ -385,7 +385,7 @@ def _read_back(pending: _Pending) -> None:
     if pending.outbox is not None:
         rows = pending.outbox.fetchall()
         if rows:
-            updates["followups"] = tuple(OutboxItem.model_validate(r) for r in rows)
+            updates["followups"] = tuple(OutboxItem(**r) for r in rows)
     if pending.context is not None:
         step, where, cursor = pending.context
         upstream = {r["step_key"]: r["output"] for r in cursor.fetchall()} if cursor else {}
@@ -413,7 +413,7 @@ def _read_back(pending: _Pending) -> None:
             parent_step=step.parent_step,
         )
     if updates:
-        pending.outcome = outcome.model_copy(update=updates)
+        pending.outcome = outcome.updated(**updates)
 
 
 def _dropped(

@@ -1,26 +1,28 @@
-"""What `apply` returns: the verdict on one delivery, in terms a caller can act on."""
+"""What `apply` returns: the verdict on one delivery, in terms a caller can act on.
+
+Frozen dataclasses, not pydantic models: they are built from rows the handler itself just
+read, several per command on the hot path, and validating them again cost more than the
+state machine's decision.
+"""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
 
-
-class EventRef(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+@dataclass(frozen=True, slots=True)
+class EventRef:
     seq: int
     type: str
     step_key: str | None = None
     attempt: int | None = None
 
 
-class OutboxItem(BaseModel):
-    """A follow-up command committed with the change; push it, then confirm it."""
-
-    model_config = ConfigDict(frozen=True)
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """A follow-up command committed with the change, for its writer to push."""
 
     outbox_id: int
     run_id: str
@@ -31,10 +33,9 @@ class OutboxItem(BaseModel):
     timeout_seconds: float | None = None
 
 
-class StepContext(BaseModel):
+@dataclass(frozen=True, slots=True)
+class StepContext:
     """What a started attempt needs to run, read under the same locks that started it."""
-
-    model_config = ConfigDict(frozen=True)
 
     step_key: str
     attempt: int
@@ -52,9 +53,8 @@ class StepContext(BaseModel):
     parent_step: str | None = None
 
 
-class Outcome(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+@dataclass(frozen=True, slots=True)
+class Outcome:
     idempotency_key: str | None
     run_id: str | None
     command_type: str | None
@@ -72,6 +72,12 @@ class Outcome(BaseModel):
     committed, the answer was lost): the sender must run that step, nobody else will."""
     transient: bool = False
     """Refused for now (`key_taken`, `paused`, `not_due`, `busy`); the key stays usable."""
+
+    def updated(self, **changes: Any) -> Outcome:
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
     @property
     def dropped(self) -> bool:

@@ -59,7 +59,7 @@ def relay(
             ).fetchall()
         if not rows:
             break
-        items = [OutboxItem.model_validate(r) for r in rows]
+        items = [OutboxItem(**r) for r in rows]
         pushed = dispatcher.push_items(items)
         report.claimed += len(items)
         report.pushed += len(pushed)
