@@ -11,23 +11,26 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-# A connection returned to the pool less than this long ago is handed out unchecked; older
+# A connection handed out less than this long ago is handed out again unchecked; older
 # ones get a round trip to prove they survived (a Postgres restart, an idle timeout).
 CHECK_AFTER_IDLE_SECONDS = 2.0
 
 
-def _mark_returned(conn: psycopg.Connection[dict[str, Any]]) -> None:
-    _returned_at[conn] = time.monotonic()
-
-
 def _check_if_idle(conn: psycopg.Connection[dict[str, Any]]) -> None:
-    """Skip the pool's liveness round trip for connections in steady use (hot path)."""
-    returned = _returned_at.get(conn)
-    if returned is None or time.monotonic() - returned > CHECK_AFTER_IDLE_SECONDS:
+    """Skip the pool's liveness round trip for connections in steady use (hot path).
+
+    Keyed on when the connection was last handed out, not on when it came back: a `reset`
+    callback would have told us that, but it makes psycopg_pool return every connection
+    through a worker thread, which cost more than the check it saved.
+    """
+    now = time.monotonic()
+    last = _handed_out_at.get(conn)
+    if last is None or now - last > CHECK_AFTER_IDLE_SECONDS:
         ConnectionPool.check_connection(conn)
+    _handed_out_at[conn] = now
 
 
-_returned_at: weakref.WeakKeyDictionary[psycopg.Connection[dict[str, Any]], float] = (
+_handed_out_at: weakref.WeakKeyDictionary[psycopg.Connection[dict[str, Any]], float] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -51,7 +54,6 @@ def open_pool(
         kwargs={"row_factory": dict_row, "autocommit": True},
         configure=configure_connection,
         check=_check_if_idle,
-        reset=_mark_returned,
         open=False,
     )
     pool.open(wait=True, timeout=timeout)
