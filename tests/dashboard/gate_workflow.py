@@ -1,8 +1,8 @@
 """Workflows for the real-worker browser tests, imported by the worker through PYTHONPATH.
 
 `open_gate` fails until the file named in the run's input exists: the operator fixes the
-world, then retries the step from the dashboard. `dash_onboard` waits for an approval the
-operator gives from the run page.
+world, then retries the step from the dashboard. (The approval test uses `t_onboard`, from
+tests/transport/workflows_for_tests.py.)
 """
 
 from __future__ import annotations
@@ -31,40 +31,3 @@ def open_gate(ctx: StepContext) -> dict[str, Any]:
 @gate.step(depends_on=[open_gate])
 def finish(ctx: StepContext) -> dict[str, Any]:
     return {"done": True, "after": ctx.upstream["open_gate"]}
-
-
-# Every durable wait in one run, for the approval test: a map, a timer, an approval, a child.
-onboard = Workflow("dash_onboard", max_attempts=1)
-
-
-@onboard.step
-def accounts(ctx: StepContext) -> list[dict[str, Any]]:
-    return [{"id": i} for i in range(int(ctx.input["n"]))]
-
-
-@onboard.step(depends_on=[accounts], map_over=accounts)
-def provision(ctx: StepContext) -> dict[str, Any]:
-    return {"id": ctx.item["id"], "index": ctx.index}
-
-
-cool_off = onboard.sleep("cool_off", seconds=0.2, depends_on=[provision])
-approval = onboard.wait_for("approval", event="approved", timeout=600, depends_on=[cool_off])
-invoice = onboard.child(
-    "invoice",
-    workflow="dash_invoice",
-    input=lambda ctx: {"who": ctx.upstream["approval"]},
-    depends_on=[approval],
-)
-
-
-@onboard.step(depends_on=[invoice, provision])
-def welcome(ctx: StepContext) -> dict[str, Any]:
-    return {"accounts": len(ctx.upstream["provision"]), "invoice": ctx.upstream["invoice"]}
-
-
-billing = Workflow("dash_invoice", max_attempts=1)
-
-
-@billing.step
-def bill(ctx: StepContext) -> dict[str, Any]:
-    return {"billed": ctx.input["who"]}

@@ -94,16 +94,18 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def worker(db_url: str, redis_url: str, tmp_path: Path, redis: Any) -> Iterator[Path]:
-    """One real `executor worker` process that knows the `dash_gate` workflow."""
+    """One real `executor worker` process that knows `dash_gate` and `t_onboard`."""
     from rq import Worker
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXECUTOR_")}
     env |= {
         "EXECUTOR_DATABASE_URL": db_url,
         "EXECUTOR_REDIS_URL": redis_url,
-        "EXECUTOR_WORKFLOW_MODULES": "gate_workflow",
+        "EXECUTOR_WORKFLOW_MODULES": "gate_workflow,workflows_for_tests",
         "EXECUTOR_SWEEP_INTERVAL": "0.5",
-        "PYTHONPATH": os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH", "")) if p),
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(HERE), str(HERE.parent / "transport"), env.get("PYTHONPATH", "")) if p
+        ),
     }
     log = tmp_path / "worker.log"
     with log.open("wb") as out:
@@ -135,15 +137,20 @@ def shots(tmp_path: Path) -> Path:
     return folder
 
 
-def test_retry_a_failed_step_in_the_browser_and_watch_it_complete(
-    server: str, browser: Any, seed: Seeder, shots: Path
-) -> None:
-    scenario = populate(seed)
+def _watched_page(browser: Any) -> tuple[Any, list[str]]:
+    """A page whose console errors and uncaught exceptions are collected (none expected)."""
     page = browser.new_page(viewport={"width": 1440, "height": 900})
     problems: list[str] = []
     page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: problems.append(str(e)))
+    return page, problems
 
+
+def test_retry_a_failed_step_in_the_browser_and_watch_it_complete(
+    server: str, browser: Any, seed: Seeder, shots: Path
+) -> None:
+    scenario = populate(seed)
+    page, problems = _watched_page(browser)
     page.goto(f"{server}/runs")
     assert page.url.startswith(f"{server}/login")
     page.fill("#token", OPERATOR)
@@ -305,13 +312,10 @@ def test_an_operator_approves_a_waiting_step_and_a_real_worker_finishes_the_run(
     server: str, browser: Any, worker: Path, db_url: str, redis_url: str, shots: Path
 ) -> None:
     with Client(database_url=db_url, redis_url=redis_url) as client:
-        run_id = client.start_run("dash_onboard", {"n": 3})
+        run_id = client.start_run("t_onboard", {"n": 3})
         _wait_for_step(client, run_id, "approval", "waiting", worker)
 
-        page = browser.new_page(viewport={"width": 1440, "height": 900})
-        problems: list[str] = []
-        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: problems.append(str(e)))
+        page, problems = _watched_page(browser)
         page.goto(f"{server}/login?next=/runs/{run_id}")
         page.fill("#token", OPERATOR)
         page.click("button:has-text('Log in')")

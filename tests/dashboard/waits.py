@@ -36,26 +36,24 @@ def start(seed: Seeder, run_id: str, steps: tuple[StepSpec, ...], workflow: str)
     return run_id
 
 
+def _started_then(seed: Seeder, run_id: str, step: str, attempt: int, outcome: Any) -> None:
+    """Start the attempt as its owner, then apply `outcome` (the owner's next command)."""
+    for command in (
+        StartStep(run_id=run_id, step_key=step, attempt=attempt, fence=FENCE),
+        outcome,
+    ):
+        out = seed.ledger.apply(command)
+        assert out.applied, out
+
+
 def run_step(seed: Seeder, run_id: str, step: str, attempt: int = 1, output: Any = None) -> None:
-    started = seed.ledger.apply(
-        StartStep(run_id=run_id, step_key=step, attempt=attempt, fence=FENCE)
-    )
-    assert started.applied, started
-    done = seed.ledger.apply(
-        CompleteStep(fence=FENCE, run_id=run_id, step_key=step, attempt=attempt, output=output)
-    )
-    assert done.applied, done
+    done = CompleteStep(fence=FENCE, run_id=run_id, step_key=step, attempt=attempt, output=output)
+    _started_then(seed, run_id, step, attempt, done)
 
 
 def suspend(seed: Seeder, run_id: str, step: str, until: Any, attempt: int = 1) -> None:
-    started = seed.ledger.apply(
-        StartStep(run_id=run_id, step_key=step, attempt=attempt, fence=FENCE)
-    )
-    assert started.applied, started
-    out = seed.ledger.apply(
-        SuspendStep(fence=FENCE, run_id=run_id, step_key=step, attempt=attempt, until=until)
-    )
-    assert out.applied, out
+    wait = SuspendStep(fence=FENCE, run_id=run_id, step_key=step, attempt=attempt, until=until)
+    _started_then(seed, run_id, step, attempt, wait)
 
 
 def approval_run(
@@ -123,19 +121,11 @@ def map_run(seed: Seeder, n: int, *, fail: tuple[int, ...] = (), done: int = 0) 
         run_step(seed, run_id, f"provision[{i}]", output={"id": i})
     for i in fail:
         key = f"provision[{i}]"
-        assert seed.ledger.apply(
-            StartStep(run_id=run_id, step_key=key, attempt=1, fence=FENCE)
-        ).applied
-        assert seed.ledger.apply(
-            FailStep(
-                fence=FENCE,
-                run_id=run_id,
-                step_key=key,
-                attempt=1,
-                error=f"account {i} is locked",
-                retryable=False,
-            )
-        ).applied
+        error = f"account {i} is locked"
+        failed = FailStep(
+            fence=FENCE, run_id=run_id, step_key=key, attempt=1, error=error, retryable=False
+        )
+        _started_then(seed, run_id, key, 1, failed)
     return run_id
 
 
