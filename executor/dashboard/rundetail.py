@@ -200,10 +200,9 @@ def list_items(
         )
     }
     items = [Step.from_row(r) for r in rows[:limit]]
-    more = len(rows) > limit and items and items[-1].item_index is not None
     return ItemsPage(
         map_step=step,
         counts=ItemCounts(step_key=map_key, total=sum(by_status.values()), by_status=by_status),
         items=items,
-        next_after=items[-1].item_index if more else None,
+        next_after=items[-1].item_index if len(rows) > limit else None,
     )

@@ -87,12 +87,7 @@ def run_page(request: Request) -> Response:
             c.pool, run_id, events_after=events_after, events_limit=c.settings.events_page_size
         )
     if detail is None:
-        return render(
-            request,
-            "error.html",
-            {"title": "Run not found", "message": f"There is no run {run_id}."},
-            status_code=404,
-        )
+        return _not_found(request, "Run not found", f"There is no run {run_id}.")
     context = {
         "d": detail,
         "run": detail.run,
