@@ -1,4 +1,5 @@
-"""What operators do: retry, bulk retry, cancel, pause, resume — each one command, one handler.
+"""What operators do: retry, bulk retry, cancel, pause, resume, send an event — each one
+command, one handler (a hook URL's event goes the same way).
 
 Every action is a command applied through the same committing handler as everything else
 (`Client.apply`, which also pushes the follow-up jobs to Redis so a retried step really
@@ -21,8 +22,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from executor.commands.models import CancelRun, Command, PauseRun, ResumeRun, RetryStep
-from executor.dashboard import queries
+from executor.commands.models import (
+    CancelRun,
+    Command,
+    PauseRun,
+    ResumeRun,
+    RetryStep,
+    SendEvent,
+)
+from executor.dashboard import queries, rundetail
 from executor.dashboard.auth import Principal
 from executor.dashboard.metrics import DashboardMetrics
 from executor.errors import ConcurrencyKeyTaken, LedgerBusy
@@ -33,6 +41,7 @@ log = logging.getLogger("executor.dashboard")
 Apply = Callable[[Command], Outcome]
 
 _FIRST_OUTCOME = re.compile(r"with outcome (\w+)")
+EVENT_ACTIONS = frozenset({"send_event", "hook"})
 
 
 def new_key(action: str) -> str:
@@ -179,6 +188,15 @@ class Actions:
     def resume(self, principal: Principal, run_id: str, key: str) -> ActionResult:
         command = self._build(ResumeRun, run_id=run_id, idempotency_key=key)
         return self._run("resume", command, run_id, None, None)
+
+    def send_event(
+        self, run_id: str, event: str, payload: Any, key: str, *, action: str = "send_event"
+    ) -> ActionResult:
+        """Deliver an external event (`action` names who: the API, a form, a hook URL)."""
+        command = self._build(
+            SendEvent, run_id=run_id, event=event, payload=payload, idempotency_key=key
+        )
+        return self._run(action, command, run_id, None, None)
 
     # -- many steps -------------------------------------------------------------------------
 
@@ -364,13 +382,13 @@ class Actions:
             message=message,
             level="warn",
             http_status=status,
-            run_status=queries.run_status(self.pool, base["run_id"]),
+            run_status=rundetail.run_status(self.pool, base["run_id"]),
         )
 
     def _retry_drop_message(
         self, base: dict[str, Any], reason: str, detail: str, seen_attempt: int | None
     ) -> str:
-        step = queries.get_step(self.pool, base["run_id"], base["step_key"])
+        step = rundetail.get_step(self.pool, base["run_id"], base["step_key"])
         if (
             step is not None
             and step.status != "failed"
@@ -384,6 +402,11 @@ class Actions:
 
 
 def _applied_message(action: str, step_key: str | None, outcome: Outcome) -> str:
+    if action in EVENT_ACTIONS:
+        done = [e.step_key for e in outcome.events if e.type == "step_completed" and e.step_key]
+        if done:
+            return f"sent: the event completed step {done[0]}"
+        return "sent: the event is kept until a step of the run waits for it"
     if action == "retry":
         queued = [e for e in outcome.events if e.type == "step_queued" and e.step_key == step_key]
         attempt = f" as attempt {queued[0].attempt}" if queued and queued[0].attempt else ""

@@ -38,7 +38,7 @@ from executor.dashboard.auth import AuthError, NotAuthenticated, RateLimited, To
 from executor.dashboard.context import Backend, DashboardContext
 from executor.dashboard.metrics import DashboardMetrics
 from executor.dashboard.middleware import AuthMiddleware, RequestMetrics, ResponseGuard
-from executor.dashboard.ratelimit import FailureLimiter
+from executor.dashboard.ratelimit import FailureLimiter, RequestLimiter
 from executor.dashboard.sessions import SessionManager, SessionStore
 from executor.dashboard.settings import DashboardSettings, is_loopback
 from executor.dashboard.views.common import BadParameter, is_live, json_error, render
@@ -88,7 +88,11 @@ def _open_client(settings: DashboardSettings) -> Backend:
 
 def _is_api(request: Request) -> bool:
     path = request.url.path
-    return path.startswith("/api/") or path in ("/metrics", "/healthz") or is_live(request)
+    return (
+        path.startswith(("/api/", "/hooks/"))
+        or path in ("/metrics", "/healthz")
+        or is_live(request)
+    )
 
 
 def _page_error(request: Request, title: str, message: str, status: int) -> Response:
@@ -244,6 +248,8 @@ def create_app(
                 backend=the_backend,
                 actions=Actions(the_backend.apply, the_pool, metrics),
                 extra_pools=extra,
+                write_pool=write_pool,
+                hook_limiter=RequestLimiter(settings.hook_requests_per_minute, "hooks"),
             )
             app.state.ctx = ctx
             metrics.bind(lambda: scrape(ctx))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from psycopg_pool import ConnectionPool
 from starlette.templating import Jinja2Templates
@@ -14,10 +14,13 @@ from executor.dashboard.actions import Actions
 from executor.dashboard.auth import TokenAuthority
 from executor.dashboard.metrics import DashboardMetrics
 from executor.dashboard.models import TransportSnapshot
-from executor.dashboard.ratelimit import FailureLimiter
+from executor.dashboard.ratelimit import FailureLimiter, RequestLimiter
 from executor.dashboard.sessions import SessionManager
 from executor.dashboard.settings import DashboardSettings
 from executor.ledger.outcome import Outcome
+
+if TYPE_CHECKING:
+    from executor.recovery.sweep import SweepContext
 
 
 class Backend(Protocol):
@@ -42,6 +45,9 @@ class DashboardContext:
     backend: Backend
     actions: Actions
     extra_pools: dict[str, ConnectionPool[Any]] = field(default_factory=dict)
+    write_pool: ConnectionPool[Any] | None = None
+    """Where schedules are changed: the backend's pool, or the dashboard's own."""
+    hook_limiter: RequestLimiter = field(default_factory=lambda: RequestLimiter(60, "hooks"))
 
     @property
     def redis(self) -> Any:
@@ -53,6 +59,14 @@ class DashboardContext:
         settings = getattr(self.backend, "settings", None)
         queues = getattr(settings, "queues", ())
         return tuple(str(getattr(q, "name", q)) for q in queues)
+
+    def scheduler(self) -> SweepContext | None:
+        """What starting a schedule's run needs (settings, pool, ledger, dispatcher): an
+        `executor.Client` has them; a backend that only applies commands does not."""
+        backend = self.backend
+        if all(hasattr(backend, a) for a in ("settings", "pool", "ledger", "dispatcher")):
+            return cast("SweepContext", backend)
+        return None
 
     def transport(self) -> TransportSnapshot:
         return rqinfo.snapshot(self.redis, configured=self.configured_queues)

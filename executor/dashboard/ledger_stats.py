@@ -45,9 +45,12 @@ def ledger_health(pool: Pool) -> LedgerHealth:
         outbox = cur.fetchone() or {}
         cur.execute(
             "SELECT status, count(*) AS n FROM executor.steps"
-            " WHERE status IN ('queued', 'retrying') GROUP BY status"
+            " WHERE status IN ('queued', 'retrying', 'sleeping', 'waiting') GROUP BY status"
         )
         waiting = {r["status"]: r["n"] for r in cur.fetchall()}
+        # Along the partial index of queued runs, never the whole table.
+        cur.execute("SELECT count(*) AS n FROM executor.runs WHERE status = 'queued'")
+        queued_runs = cur.fetchone() or {}
         cur.execute(
             "SELECT count(*) AS n, count(*) FILTER (WHERE lease_expires_at < now()) AS expired"
             " FROM executor.steps WHERE status = 'running'"
@@ -59,7 +62,10 @@ def ledger_health(pool: Pool) -> LedgerHealth:
         steps_queued=waiting.get("queued", 0),
         steps_retrying=waiting.get("retrying", 0),
         steps_running=running.get("n") or 0,
+        steps_sleeping=waiting.get("sleeping", 0),
+        steps_waiting=waiting.get("waiting", 0),
         leases_expired=running.get("expired") or 0,
+        runs_queued=queued_runs.get("n") or 0,
     )
 
 

@@ -90,15 +90,17 @@ class AuthMiddleware:
         conn = HTTPConnection(scope)
         state = scope.setdefault("state", {})
         client = str((scope.get("client") or ("unknown",))[0])
-        is_static = scope.get("path", "").startswith("/static/")
-        session = self.sessions.load(conn.cookies.get(SESSION_COOKIE))
+        # A hook URL's token is its only credential: a sender's cookies or Authorization
+        # header (meant for someone else) are neither read nor counted as failures.
+        bare = scope.get("path", "").startswith(("/static/", "/hooks/"))
+        session = None if bare else self.sessions.load(conn.cookies.get(SESSION_COOKIE))
         fresh = session is None
         principal: Principal | None = None
         state.update(client=client, bad_bearer=False, retry_after=None, auth_error=None)
         scheme, _, credentials = conn.headers.get("authorization", "").partition(" ")
         # Only Bearer is ours: a proxy's Basic auth in front of the dashboard must not
         # shadow the session cookie.
-        bearer = scheme.lower() == "bearer"
+        bearer = scheme.lower() == "bearer" and not bare
         if bearer:
             state["retry_after"] = self.limiter.blocked_for(client)
             if state["retry_after"] is None:
@@ -106,7 +108,7 @@ class AuthMiddleware:
                 if principal is None:
                     state["bad_bearer"] = True
                     self.limiter.failed(client)
-        elif session is not None and session.logged_in and not is_static:
+        elif session is not None and session.logged_in and not bare:
             try:
                 principal = await run_in_threadpool(self.sessions.principal, session)
             except psycopg.Error as exc:
@@ -126,7 +128,7 @@ class AuthMiddleware:
                 cookie = None
                 if replacement is not None:
                     cookie = replacement
-                elif fresh and not bearer and not is_static:
+                elif fresh and not bearer and not bare:
                     cookie = session
                 if cookie is not None:
                     headers = list(message.get("headers", []))

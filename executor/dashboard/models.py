@@ -7,10 +7,11 @@ never disagree about what a field means.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Row(BaseModel):
@@ -85,6 +86,11 @@ class RunSummary(_ErrorShown, _Row):
 class Run(RunSummary):
     input: Any = None
     output: Any = None
+    concurrency_limit: int = 1
+    concurrency_slot: int | None = None
+    queue_position: int | None = None
+    parent_run_id: str | None = None
+    parent_step_key: str | None = None
 
 
 class Step(_ErrorShown, _Row):
@@ -100,6 +106,37 @@ class Step(_ErrorShown, _Row):
     error: Any = None
     lease_expires_at: datetime | None = None
     next_attempt_at: datetime | None = None
+    created_at: datetime
+    updated_at: datetime
+    kind: str = "task"
+    parent_step: str | None = Field(default=None, description="The map of an item step.")
+    item_index: int | None = None
+    items_total: int | None = Field(default=None, description="A map's item count.")
+    items_done: int = 0
+    wake_at: datetime | None = Field(
+        default=None, description="A sleeping step's timer, or a waiting step's timeout."
+    )
+    event_name: str | None = Field(default=None, description="The event a step waits for.")
+    child_run_id: str | None = None
+
+    @property
+    def waits_for_event(self) -> bool:
+        return self.status == "waiting" and self.event_name is not None
+
+
+class ItemCounts(_Row):
+    """A map's items by status: what the run page shows instead of ten thousand rows."""
+
+    step_key: str
+    total: int
+    by_status: dict[str, int]
+
+
+class ChildRun(_Row):
+    run_id: str
+    workflow: str
+    status: str
+    parent_step_key: str | None = None
     created_at: datetime
     updated_at: datetime
 
@@ -129,6 +166,8 @@ class Event(_ErrorShown, _Row):
                 parts.append(f"concurrency key {p['concurrency_key']}")
             parts.append(f"input {_compact(p.get('input'))}")
             return " · ".join(parts)
+        if t == "step_created" and p.get("parent") is not None:
+            return f"item {p.get('index')} of map {p['parent']} · queue {p.get('queue')}"
         if t == "step_created":
             deps = p.get("depends_on") or []
             parts = [f"after {', '.join(deps)}" if deps else "root step"]
@@ -144,6 +183,8 @@ class Event(_ErrorShown, _Row):
             return f"next attempt at {_clock(p['next_attempt_at'])}"
         if t == "step_queued" and p.get("manual"):
             return f"manual retry by {p.get('requested_by') or 'an operator'}"
+        if t in _WAIT_SUMMARIES:
+            return _WAIT_SUMMARIES[t](p)
         if t in ("step_completed", "run_completed"):
             return f"output {_compact(p.get('output'))}"
         if t in ("run_paused", "run_resumed", "run_cancelled", "step_cancelled"):
@@ -154,6 +195,33 @@ class Event(_ErrorShown, _Row):
         if t in ("step_failed", "run_failed", "run_started", "step_queued"):
             return ""
         return _compact(p) if p else ""
+
+
+def _waiting(p: dict[str, Any]) -> str:
+    if p.get("child_run_id"):
+        return f"waits for child run {p['child_run_id']} of {p.get('workflow')}"
+    if p.get("items") is not None:
+        return f"map of {p['items']} item" + ("" if p["items"] == 1 else "s")
+    timeout = f" · times out at {_clock(p['timeout_at'])}" if p.get("timeout_at") else ""
+    return f"waits for event {p.get('event')}{timeout}"
+
+
+def _received(p: dict[str, Any]) -> str:
+    where = (
+        f"completes step {p['consumed_by']}" if p.get("consumed_by") else "kept until a step waits"
+    )
+    return f"event {p.get('event')} · {where} · payload {_compact(p.get('payload'))}"
+
+
+_WAIT_SUMMARIES: dict[str, Callable[[dict[str, Any]], str]] = {
+    "run_queued": lambda p: f"queued for a slot of concurrency key {p.get('concurrency_key')}",
+    "run_admitted": lambda p: (
+        f"admitted to slot {p.get('slot')}, freed by run {p.get('released_by')}"
+    ),
+    "step_sleeping": lambda p: f"timer at {_clock(p.get('wake_at'))}",
+    "step_waiting": _waiting,
+    "event_received": _received,
+}
 
 
 class Drop(_Row):
@@ -194,7 +262,10 @@ class LedgerHealth(_Row):
     steps_queued: int = 0
     steps_retrying: int = 0
     steps_running: int = 0
+    steps_sleeping: int = 0
+    steps_waiting: int = 0
     leases_expired: int = 0
+    runs_queued: int = 0
 
 
 class QueueInfo(_Row):

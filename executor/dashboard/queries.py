@@ -14,31 +14,19 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from executor.dashboard.models import (
-    Drop,
-    Event,
-    FailedStep,
-    Run,
-    RunSummary,
-    Step,
-    in_graph_order,
-)
+from executor.dashboard.models import Drop, FailedStep, RunSummary
 
 Pool = ConnectionPool[Any]
 T = TypeVar("T")
 
 RUN_COLUMNS = "run_id, workflow, status, concurrency_key, error, last_seq, created_at, updated_at"
-STEP_COLUMNS = (
-    "run_id, step_key, status, attempt, max_attempts, depends_on, queue, timeout_seconds, "
-    "output, error, lease_expires_at, next_attempt_at, created_at, updated_at"
-)
 DROP_COLUMNS = (
     "drop_id, idempotency_key, run_id, step_key, attempt, command_type, reason, detail, "
     "command, raw, received_at"
@@ -290,80 +278,6 @@ def workflows(pool: Pool, limit: int = 200) -> list[str]:
         (limit,),
     )
     return [r["workflow"] for r in rows]
-
-
-# --- one run -----------------------------------------------------------------------------
-
-
-@dataclass
-class RunDetail:
-    run: Run
-    steps: list[Step]
-    events: list[Event]
-    events_more: bool
-    drops: list[Drop]
-    drops_more: bool
-    receipts: dict[str, str] = field(default_factory=dict)
-
-
-def get_run(
-    pool: Pool,
-    run_id: str,
-    *,
-    events_after: int = 0,
-    events_limit: int = 500,
-    drops_limit: int = 200,
-) -> RunDetail | None:
-    with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            f"SELECT {RUN_COLUMNS}, input, output FROM executor.runs WHERE run_id = %s", (run_id,)
-        )
-        run_row = cur.fetchone()
-        if run_row is None:
-            return None
-        cur.execute(
-            f"SELECT {STEP_COLUMNS} FROM executor.steps WHERE run_id = %s"
-            " ORDER BY created_at, step_key",
-            (run_id,),
-        )
-        step_rows = cur.fetchall()
-        cur.execute(
-            "SELECT run_id, seq, type, step_key, attempt, idempotency_key, payload, created_at"
-            " FROM executor.events WHERE run_id = %s AND seq > %s ORDER BY seq LIMIT %s",
-            (run_id, events_after, events_limit + 1),
-        )
-        event_rows = cur.fetchall()
-        cur.execute(
-            f"SELECT {DROP_COLUMNS} FROM executor.drops WHERE run_id = %s"
-            " ORDER BY drop_id DESC LIMIT %s",
-            (run_id, drops_limit + 1),
-        )
-        drop_rows = cur.fetchall()
-    counts: dict[str, int] = {}
-    for s in step_rows:
-        counts[s["status"]] = counts.get(s["status"], 0) + 1
-    return RunDetail(
-        run=Run.from_row({**run_row, "steps": counts}),
-        steps=in_graph_order([Step.from_row(r) for r in step_rows]),
-        events=[Event.from_row(r) for r in event_rows[:events_limit]],
-        events_more=len(event_rows) > events_limit,
-        drops=[Drop.from_row(r) for r in drop_rows[:drops_limit]],
-        drops_more=len(drop_rows) > drops_limit,
-    )
-
-
-def get_step(pool: Pool, run_id: str, step_key: str) -> Step | None:
-    row = _fetch_one(
-        pool,
-        f"SELECT {STEP_COLUMNS} FROM executor.steps WHERE run_id = %s AND step_key = %s",
-        (run_id, step_key),
-    )
-    return None if row is None else Step.model_validate(row)
-
-
-def run_status(pool: Pool, run_id: str) -> str | None:
-    row = _fetch_one(pool, "SELECT status FROM executor.runs WHERE run_id = %s", (run_id,))
-    return None if row is None else str(row["status"])
 
 
 # --- failed steps ------------------------------------------------------------------------

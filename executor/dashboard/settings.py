@@ -55,6 +55,7 @@ class DashboardSettings:
     read_pool_size: int = 4
     allowed_hosts: tuple[str, ...] = ()
     auth_failures_per_minute: int = 20
+    hook_requests_per_minute: int = 60
     stuck_after_seconds: float = 600.0
 
     def __post_init__(self) -> None:
@@ -66,6 +67,8 @@ class DashboardSettings:
             )
         if not 1 <= self.page_size <= 500:
             raise ConfigurationError("page_size must be between 1 and 500")
+        if self.hook_requests_per_minute < 1:
+            raise ConfigurationError("hook_requests_per_minute must be at least 1")
         if not 1 <= self.bulk_retry_limit <= 500:
             raise ConfigurationError("bulk_retry_limit must be between 1 and 500")
 

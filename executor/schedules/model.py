@@ -62,7 +62,8 @@ class ScheduleExists(ExecutorError):
 def zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
+        # OSError: a name that is a folder of the zone database (`America`) or too long.
         raise InvalidSchedule(f"unknown time zone {name!r} (use an IANA name)") from exc
 
 
@@ -70,6 +71,11 @@ def check_cron(expression: str) -> str:
     expression = expression.strip()
     if not croniter.is_valid(expression):
         raise InvalidSchedule(f"not a cron expression croniter accepts: {expression!r}")
+    try:
+        # Valid syntax may still name no date at all (`0 0 30 2 *`, February 30th).
+        croniter(expression, datetime(2000, 1, 1, tzinfo=UTC)).get_next(datetime)
+    except (ValueError, KeyError) as exc:
+        raise InvalidSchedule(f"cron expression {expression!r} never fires: {exc}") from exc
     return expression
 
 

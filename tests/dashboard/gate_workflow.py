@@ -1,7 +1,8 @@
-"""A workflow for the real-worker browser test, imported by the worker through PYTHONPATH.
+"""Workflows for the real-worker browser tests, imported by the worker through PYTHONPATH.
 
 `open_gate` fails until the file named in the run's input exists: the operator fixes the
-world, then retries the step from the dashboard.
+world, then retries the step from the dashboard. (The approval test uses `t_onboard`, from
+tests/transport/workflows_for_tests.py.)
 """
 
 from __future__ import annotations

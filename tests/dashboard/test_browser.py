@@ -1,5 +1,5 @@
 """A real Chromium against a real uvicorn server: log in, find a failed step, retry it, watch
-it complete without reloading the page.
+it complete without reloading the page; approve a waiting step and watch the run finish.
 
 Needs Debian's Chromium (`apt-get install chromium`) and the `playwright` package; never runs
 `playwright install`. Skipped locally when either is missing, failed under CI.
@@ -22,6 +22,7 @@ import pytest
 
 from executor.client import Client
 from executor.commands.models import CompleteStep, StartStep
+from executor.dashboard.auth import TokenAuthority
 from executor.dashboard.settings import DashboardSettings
 
 from .conftest import OPERATOR, VIEWER, Seeder, live_server
@@ -93,15 +94,18 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def worker(db_url: str, redis_url: str, tmp_path: Path, redis: Any) -> Iterator[Path]:
-    """One real `executor worker` process that knows the `dash_gate` workflow."""
+    """One real `executor worker` process that knows `dash_gate` and `t_onboard`."""
     from rq import Worker
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXECUTOR_")}
     env |= {
         "EXECUTOR_DATABASE_URL": db_url,
         "EXECUTOR_REDIS_URL": redis_url,
-        "EXECUTOR_WORKFLOW_MODULES": "gate_workflow",
-        "PYTHONPATH": os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH", "")) if p),
+        "EXECUTOR_WORKFLOW_MODULES": "gate_workflow,workflows_for_tests",
+        "EXECUTOR_SWEEP_INTERVAL": "0.5",
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(HERE), str(HERE.parent / "transport"), env.get("PYTHONPATH", "")) if p
+        ),
     }
     log = tmp_path / "worker.log"
     with log.open("wb") as out:
@@ -133,15 +137,20 @@ def shots(tmp_path: Path) -> Path:
     return folder
 
 
-def test_retry_a_failed_step_in_the_browser_and_watch_it_complete(
-    server: str, browser: Any, seed: Seeder, shots: Path
-) -> None:
-    scenario = populate(seed)
+def _watched_page(browser: Any) -> tuple[Any, list[str]]:
+    """A page whose console errors and uncaught exceptions are collected (none expected)."""
     page = browser.new_page(viewport={"width": 1440, "height": 900})
     problems: list[str] = []
     page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: problems.append(str(e)))
+    return page, problems
 
+
+def test_retry_a_failed_step_in_the_browser_and_watch_it_complete(
+    server: str, browser: Any, seed: Seeder, shots: Path
+) -> None:
+    scenario = populate(seed)
+    page, problems = _watched_page(browser)
     page.goto(f"{server}/runs")
     assert page.url.startswith(f"{server}/login")
     page.fill("#token", OPERATOR)
@@ -283,3 +292,62 @@ def test_a_real_worker_runs_the_step_retried_from_the_browser(
             "opened_on_attempt": 2,
             "note": "fixed by the operator",
         }
+
+
+def _wait_for_step(client: Client, run_id: str, key: str, status: str, log: Path) -> None:
+    """Until the worker has brought `key` to `status` (bounded; every read is one query)."""
+    deadline = time.monotonic() + 30
+    while True:
+        view = client.get_run(run_id)
+        assert view is not None
+        steps = {s.step_key: s for s in view.steps}
+        if key in steps and steps[key].status == status:
+            return
+        if time.monotonic() > deadline or view.done:
+            pytest.fail(f"{key} never became {status}: {view}\n{log.read_text(errors='replace')}")
+        time.sleep(0.1)
+
+
+def test_an_operator_approves_a_waiting_step_and_a_real_worker_finishes_the_run(
+    server: str, browser: Any, worker: Path, db_url: str, redis_url: str, shots: Path
+) -> None:
+    with Client(database_url=db_url, redis_url=redis_url) as client:
+        run_id = client.start_run("t_onboard", {"n": 3})
+        _wait_for_step(client, run_id, "approval", "waiting", worker)
+
+        page, problems = _watched_page(browser)
+        page.goto(f"{server}/login?next=/runs/{run_id}")
+        page.fill("#token", OPERATOR)
+        page.click("button:has-text('Log in')")
+        page.wait_for_url(f"{server}/runs/{run_id}")
+        wait_row = page.locator("#wait-approval")
+        assert "Event approved for step approval" in wait_row.inner_text()
+        assert "waits for event approved" in page.locator("#step-approval").inner_text()
+        assert "3 completed" in page.locator("#items-provision").inner_text()
+        page.screenshot(path=str(shots / "approval.png"), full_page=True)
+
+        wait_row.locator("button:has-text('Approve')").click()
+        dialog = page.locator("#confirm-dialog")
+        dialog.wait_for(state="visible")
+        assert "Approve step approval" in dialog.inner_text()
+        page.screenshot(path=str(shots / "approval-confirm.png"))
+        dialog.locator("button:has-text('Confirm')").click()
+        page.wait_for_selector(".flash-ok")
+        assert "sent: the event completed step approval" in page.locator(".flash").inner_text()
+
+        # The worker starts the child run, which bills, and then `welcome`; the page follows.
+        page.wait_for_selector(".run-title .badge:text-is('completed')", timeout=30_000)
+        done = client.wait(run_id, timeout=5)
+        assert done.status == "completed", worker.read_text(errors="replace")
+        approved_by = f"approved by dashboard:operator:{TokenAuthority.fingerprint(OPERATOR)}"
+        steps = {s.step_key: s for s in done.steps}
+        assert steps["approval"].output == approved_by
+        invoice = {"bill": {"billed": approved_by}}  # the child run's output
+        assert done.output == {"welcome": {"accounts": 3, "invoice": invoice}}
+        child = steps["invoice"].child_run_id
+        assert child is not None
+        page.locator(f"#step-invoice a[href='/runs/{child}']").click()
+        page.wait_for_selector("#parent-link")
+        assert page.locator(".run-title .badge").inner_text() == "completed"
+        page.screenshot(path=str(shots / "child-run.png"), full_page=True)
+        assert problems == [], problems

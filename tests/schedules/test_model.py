@@ -160,6 +160,9 @@ def test_a_schedule_not_due_plans_nothing() -> None:
     [
         ({"cron": "61 * * * *"}, "cron"),
         ({"timezone": "Mars/Olympus"}, "time zone"),
+        ({"timezone": "America"}, "time zone"),  # a folder of the zone database
+        ({"timezone": "x" * 100}, "time zone"),
+        ({"cron": "0 0 30 2 *"}, "never fires"),  # February 30th: valid syntax, no date
         ({"input": {"_schedule": 1}}, "_schedule"),
         ({"catchup": "some"}, "catchup"),
         ({"name": "has space"}, "name"),

@@ -24,7 +24,7 @@ from executor.dashboard.api.schemas import (
     ErrorBody,
 )
 from executor.dashboard.views.common import BadParameter, json_error
-from executor.dashboard.views.pages import failed_filter
+from executor.dashboard.views.filters import failed_filter
 
 router = area_router(tags=["retry"])
 

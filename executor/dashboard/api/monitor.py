@@ -28,7 +28,7 @@ from executor.dashboard.api.schemas import (
 from executor.dashboard.auth import Role, require
 from executor.dashboard.metrics import CONTENT_TYPE, Scrape
 from executor.dashboard.views.common import page_request
-from executor.dashboard.views.pages import drop_filter, failed_filter
+from executor.dashboard.views.filters import drop_filter, failed_filter
 
 log = logging.getLogger("executor.dashboard")
 

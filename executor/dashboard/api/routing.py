@@ -4,7 +4,7 @@ dependencies that carry auth and the pools (`Depends`), so each route reads as i
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
@@ -17,6 +17,7 @@ from executor.dashboard.api.schemas import NO_NUL, ErrorBody
 from executor.dashboard.auth import Principal, Role, check_csrf, require
 from executor.dashboard.context import DashboardContext
 from executor.dashboard.sessions import SESSION_COOKIE
+from executor.dashboard.views.common import json_error, loads
 
 
 class _DepthSafeRequest(Request):
@@ -24,13 +25,7 @@ class _DepthSafeRequest(Request):
     JSON like any other (422), not a crash of the decoder (500) or a vague 400."""
 
     async def json(self) -> Any:
-        body = await self.body()
-        try:
-            return json.loads(body)
-        except RecursionError as exc:
-            raise json.JSONDecodeError("JSON nested too deeply", "", 0) from exc
-        except UnicodeDecodeError as exc:
-            raise json.JSONDecodeError("the body is not UTF-8", "", exc.start) from exc
+        return loads(await self.body())
 
 
 class DashboardRoute(APIRoute):
@@ -38,6 +33,16 @@ class DashboardRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def handle(request: Request) -> Response:
+            seen = Counter(name for name, _ in request.query_params.multi_items())
+            twice = sorted(n for n, times in seen.items() if times > 1)
+            if twice:
+                # No parameter of the API is a list: which of two values was meant is a
+                # guess FastAPI would make silently (the last), so the request is refused.
+                return json_error(
+                    422,
+                    "invalid",
+                    f"query parameter given more than once: {', '.join(twice)[:200]}",
+                )
             return await handler(_DepthSafeRequest(request.scope, request.receive))
 
         return handle

@@ -1,4 +1,5 @@
-"""Runs: list and read them, cancel, pause, resume, and retry one failed step.
+"""Runs: list and read them (a map's items a page at a time), cancel, pause, resume, and retry
+one failed step.
 
 Action status codes: 200 applied, or dropped as a duplicate of an earlier request
 (`applied: false, reason: "duplicate"`); 404 no such run or step; 409 dropped for any other
@@ -9,14 +10,15 @@ unreachable. The body always says what happened, in `message`.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import Body, Header, Query, Response
 from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 
 from executor.commands.models import IDENTIFIER_PATTERN, STEP_KEY_PATTERN
-from executor.dashboard import queries
+from executor.commands.state import STEP_STATUSES
+from executor.dashboard import queries, rundetail
 from executor.dashboard.actions import ActionResult, InvalidAction, new_key
 from executor.dashboard.api.routing import WRITE_RESPONSES, Context, Operator, Viewer, area_router
 from executor.dashboard.api.schemas import (
@@ -28,6 +30,7 @@ from executor.dashboard.api.schemas import (
     TIME_HELP,
     ActionResponse,
     ErrorBody,
+    ItemsPage,
     ReasonRequest,
     ResumeRequest,
     RetryRequest,
@@ -36,7 +39,7 @@ from executor.dashboard.api.schemas import (
     RunStatusFilter,
 )
 from executor.dashboard.views.common import BadParameter, page_request
-from executor.dashboard.views.pages import run_filter
+from executor.dashboard.views.filters import run_filter
 
 router = area_router(tags=["runs"])
 
@@ -131,7 +134,7 @@ def get_run(
         int, Query(ge=0, le=2**62, description="Only events after this seq (to tail a run).")
     ] = 0,
 ) -> Any:
-    detail = queries.get_run(
+    detail = rundetail.get_run(
         ctx.pool, run_id, events_after=events_after, events_limit=ctx.settings.events_page_size
     )
     if detail is None:
@@ -139,10 +142,43 @@ def get_run(
     return RunDetail(
         run=detail.run,
         steps=detail.steps,
+        items=detail.items,
+        failed_items=detail.failed_items,
+        children=detail.children,
+        children_more=detail.children_more,
         events=detail.events,
         events_more=detail.events_more,
         drops=detail.drops,
         drops_more=detail.drops_more,
+    )
+
+
+if TYPE_CHECKING:
+    StepStatus = str
+else:
+    StepStatus = Literal[STEP_STATUSES]
+
+
+@router.get(
+    "/api/runs/{run_id}/steps/{step_key}/items",
+    response_model=ItemsPage,
+    summary="A map's items in index order, a page at a time",
+    responses={404: {"model": ErrorBody, "description": "No such run, or no such map step."}},
+)
+def list_items(
+    ctx: Context,
+    _: Viewer,
+    run_id: RunId,
+    step_key: StepKey,
+    status: Annotated[StepStatus | None, Query(description="Only items in this status.")] = None,
+    after: Annotated[int, Query(ge=-1, le=2**31, description="Items after this index.")] = -1,
+    limit: Annotated[int, Query(ge=1, le=500, description="Items per page.")] = 100,
+) -> Any:
+    page = rundetail.list_items(ctx.pool, run_id, step_key, status=status, after=after, limit=limit)
+    if page is None:
+        return _not_found(f"run {run_id} has no map step {step_key}")
+    return ItemsPage(
+        map_step=page.map_step, counts=page.counts, items=page.items, next_after=page.next_after
     )
 
 

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from executor.commands.models import COMMAND_TYPES, IDENTIFIER_PATTERN, STEP_KEY_PATTERN
 from executor.commands.state import DROP_REASONS, RUN_STATUSES
 from executor.dashboard.models import (
+    ChildRun,
     Drop,
     Event,
     FailedStep,
+    ItemCounts,
     LedgerHealth,
     Run,
     RunSummary,
@@ -96,6 +98,13 @@ class RetryRequest(_Body):
         ]
         | None
     ) = None
+
+
+class SendEventRequest(_Body):
+    """An external event: its payload becomes the output of the step that waits for it."""
+
+    payload: JsonValue = Field(default=None, description="Any JSON value (default null).")
+    idempotency_key: IdempotencyKey | None = None
 
 
 class FailedStepsFilter(_Body):
@@ -190,11 +199,24 @@ class DropsPage(_Page):
 
 class RunDetail(BaseModel):
     run: Run
-    steps: list[Step]
+    steps: list[Step] = Field(description="The steps of the graph; a map's items are not here.")
+    items: dict[str, ItemCounts] = Field(
+        description="Each map's items by status; list them with …/steps/{map}/items."
+    )
+    failed_items: list[Step] = Field(description="The first failed items of the maps.")
+    children: list[ChildRun] = Field(description="Runs started by this run's child steps.")
+    children_more: bool
     events: list[Event]
     events_more: bool
     drops: list[Drop]
     drops_more: bool
+
+
+class ItemsPage(BaseModel):
+    map_step: Step
+    counts: ItemCounts
+    items: list[Step]
+    next_after: int | None = Field(description="Pass as `after` for the next page.")
 
 
 class QueuesBody(BaseModel):
@@ -215,6 +237,16 @@ class ActionResponse(BaseModel):
     run_status: str | None
     events: list[dict[str, Any]]
     holder_run_id: str | None
+
+
+class HookResponse(BaseModel):
+    """What became of a hook's send: `applied`, `duplicate` (this key was sent before), or
+    `terminal` (the run has ended; the hook will never apply again)."""
+
+    outcome: str
+    event: str
+    idempotency_key: str
+    message: str
 
 
 class BulkPreview(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
@@ -125,6 +126,32 @@ def safe_next(target: str | None, default: str) -> str:
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return default
     return target
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text[:40]} is too large for a JSON number here")
+    return value
+
+
+def loads(body: bytes | str) -> Any:
+    """JSON as RFC 8259 has it: no NaN or Infinity, no number that overflows to infinity
+    (Python's decoder takes all three, and Postgres' jsonb none). Raises JSONDecodeError."""
+    try:
+        return json.loads(body, parse_constant=_no_constant, parse_float=_finite)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError as exc:
+        raise json.JSONDecodeError("JSON nested too deeply", "", 0) from exc
+    except UnicodeDecodeError as exc:
+        raise json.JSONDecodeError("the body is not UTF-8", "", exc.start) from exc
+    except ValueError as exc:
+        raise json.JSONDecodeError(str(exc), "", 0) from exc
 
 
 # --- rendering -----------------------------------------------------------------------------

@@ -6,9 +6,10 @@ their upstream steps (one barycenter pass), which keeps joins and fan-outs mostl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from executor.dashboard.models import Step
+from executor.dashboard.models import ItemCounts, Step
 
 NODE_W = 176
 NODE_H = 52
@@ -24,6 +25,7 @@ class Node:
     x: int
     y: int
     label: str
+    sub: str
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,20 @@ def _label(text: str, limit: int = 22) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def layout(steps: list[Step]) -> GraphLayout | None:
-    """None when there is nothing to draw or too much to draw legibly."""
+def _sub(step: Step, items: ItemCounts | None) -> str:
+    if step.kind == "map":
+        total = items.total if items else (step.items_total or 0)
+        done = items.by_status.get("completed", 0) if items else step.items_done
+        return f"{step.status} · {done:,}/{total:,} items"
+    if step.kind in ("sleep", "wait", "child") and step.status in ("sleeping", "waiting"):
+        what = {"sleep": "timer", "wait": f"event {step.event_name}", "child": "child run"}
+        return _label(f"{step.status} · {what[step.kind]}", 28)
+    return f"{step.status} · attempt {step.attempt}/{step.max_attempts}"
+
+
+def layout(steps: list[Step], items: Mapping[str, ItemCounts] | None = None) -> GraphLayout | None:
+    """None when there is nothing to draw or too much to draw legibly. A map is one node,
+    its items counted in it (`items`)."""
     if not steps or len(steps) > MAX_NODES:
         return None
     by_key = {s.step_key: s for s in steps}
@@ -92,7 +106,9 @@ def layout(steps: list[Step]) -> GraphLayout | None:
         for i, key in enumerate(keys):
             y = top + i * (NODE_H + GAP_Y)
             pos[key] = (x, y)
-            nodes.append(Node(by_key[key], x, y, _label(key)))
+            step = by_key[key]
+            sub = _sub(step, (items or {}).get(key))
+            nodes.append(Node(step, x, y, _label(key), sub))
     edges: list[Edge] = []
     for s in steps:
         for parent in s.depends_on:

@@ -24,6 +24,8 @@ STATUS_TONE = {
     "pending": "muted",
     "paused": "warn",
     "retrying": "warn",
+    "sleeping": "info",
+    "waiting": "warn",
     "failed": "bad",
     "cancelled": "muted",
     "applied": "ok",
@@ -75,6 +77,26 @@ def pretty_json(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
 
 
+CLIP_CHARS = 20_000
+
+
+def clip_json(value: Any, limit: int = CLIP_CHARS) -> str:
+    """Pretty JSON cut at `limit` characters: a map's output of ten thousand items is a
+    page's worth, not megabytes (the API returns it whole)."""
+    text = pretty_json(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}\n… ({len(text) - limit:,} more characters; the API has it all)"
+
+
+_APPROVAL = re.compile(r"(^|[_.:\-])(approve|approved|approval)$", re.IGNORECASE)
+
+
+def is_approval(name: Any) -> bool:
+    """An event whose name says it approves: the run page offers a one-click Approve."""
+    return isinstance(name, str) and _APPROVAL.search(name) is not None
+
+
 def shorten(value: Any, limit: int = 80) -> str:
     text = "" if value is None else str(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -109,8 +131,10 @@ def configure_environment(env: jinja2.Environment) -> None:
         iso=iso,
         seconds=seconds,
         pretty_json=pretty_json,
+        clip_json=clip_json,
         shorten=shorten,
         tone=tone,
         urlpart=urlpart,
     )
     env.globals["tone"] = tone
+    env.tests["approval"] = is_approval
