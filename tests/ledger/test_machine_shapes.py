@@ -512,6 +512,27 @@ def test_cancelling_a_parent_cancels_its_children_and_their_late_report_is_termi
     assert late.reason == "terminal"
 
 
+def test_a_run_with_a_failed_step_waits_for_its_running_child_before_it_fails() -> None:
+    """A failed step does not fail the run while a child it started still runs: the child's
+    report must land first, or a retry reopening the run would wait on it forever."""
+    steps = steps_of(
+        shaped("a", "running", 1, max_attempts=1),
+        shaped("bill", "waiting", 1, kind="child", child_run_id="r1.bill.1"),
+    )
+    fail = FailStep(fence=F, run_id="r1", step_key="a", attempt=1, error="x", retryable=False)
+    t = decide_in(fail, run_row(), steps)
+    assert kinds(t) == [("step_failed", "a", 1)]
+    assert t.run.status == "running"
+    t = decide_in(finished("completed", output=1), t.run, t.steps)
+    assert kinds(t) == [("step_completed", "bill", 1), ("run_failed", None, None)]
+    retry = RetryStep(run_id="r1", step_key="a", idempotency_key="again")
+    t = decide_in(retry, t.run, t.steps)
+    assert kinds(t) == [("run_resumed", None, None), ("step_queued", "a", 2)]
+    t = decide_in(StartStep(run_id="r1", step_key="a", attempt=2, fence=F), t.run, t.steps)
+    t = decide_in(complete("a", 2, output=2), t.run, t.steps)
+    assert kinds(t) == [("step_completed", "a", 2), ("run_completed", None, None)]
+
+
 # --- concurrency keys with a queue -----------------------------------------------------------
 
 
