@@ -298,8 +298,6 @@ def _dispatch(t: Transition, command: DispatchStep) -> None:
     step = _get_step(t, command.step_key)
     if step.status in STEP_TERMINAL:
         raise Drop("terminal", f"step {step.step_key} is {step.status}")
-    if t.run.status in RUN_TERMINAL:
-        raise Drop("terminal", f"run is {t.run.status}")
     if command.attempt <= step.attempt and step.status != "retrying":
         if command.attempt < step.attempt:
             raise Drop("stale_attempt", f"attempt {command.attempt} superseded by {step.attempt}")
@@ -310,10 +308,8 @@ def _dispatch(t: Transition, command: DispatchStep) -> None:
             f"step {step.step_key} is {step.status} at attempt {step.attempt}; "
             f"cannot dispatch attempt {command.attempt}",
         )
-    if t.run.status == "paused":
-        raise Drop("paused", "run is paused; resuming it dispatches due retries")
-    if t.run.steps_failed > 0:
-        raise Drop("invalid_transition", "a step of this run failed; nothing more is dispatched")
+    # Before the run's state: a failed run can be reopened before this retry is due, and
+    # only a refusal for now keeps the dispatch (its key, its outbox row) for that.
     due = step.next_attempt_at
     if due is not None and due > t.now:
         raise Drop(
@@ -321,6 +317,12 @@ def _dispatch(t: Transition, command: DispatchStep) -> None:
             f"attempt {command.attempt} is due at {due.isoformat()} (database clock)",
             resend=FollowUp(step.queue, command, not_before=due),
         )
+    if t.run.status in RUN_TERMINAL:
+        raise Drop("terminal", f"run is {t.run.status}")
+    if t.run.status == "paused":
+        raise Drop("paused", "run is paused; resuming it dispatches due retries")
+    if t.run.steps_failed > 0:
+        raise Drop("invalid_transition", "a step of this run failed; nothing more is dispatched")
     p.queue(t, step)
 
 
