@@ -15,14 +15,9 @@ from psycopg.rows import dict_row
 from executor.client import Client
 from executor.commands.models import CancelRun
 
-from .conftest import Workers, assert_verified, wait_for
+from .conftest import Workers, assert_verified, rows, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def rows(db_url: str, sql: str, *params: Any) -> list[dict[str, Any]]:
-    with psycopg.connect(db_url, row_factory=dict_row) as conn:
-        return conn.execute(sql, params).fetchall()
 
 
 def drops(db_url: str, run_id: str, command_type: str) -> list[str]:

@@ -4,24 +4,16 @@ and commands submitted through `Client.submit` while Redis loses them."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import psycopg
 import pytest
 import redis as redis_lib
-from psycopg.rows import dict_row
 
 from executor.client import Client
 from executor.commands.models import CancelRun, PauseRun, ResumeRun
 
-from .conftest import FAST, Workers, assert_verified, wait_for
+from .conftest import FAST, Workers, assert_verified, rows, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def rows(db_url: str, sql: str, *params: Any) -> list[dict[str, Any]]:
-    with psycopg.connect(db_url, row_factory=dict_row) as conn:
-        return conn.execute(sql, params).fetchall()
 
 
 def status(db_url: str, run_id: str, step_key: str | None = None) -> str | None:

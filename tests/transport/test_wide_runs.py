@@ -10,22 +10,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import psycopg
 import pytest
 import redis as redis_lib
-from psycopg.rows import dict_row
 
 from executor.client import Client
 
-from .conftest import Workers, assert_verified
+from .conftest import Workers, assert_verified, rows
 from .workflows_for_tests import WIDE
 
 pytestmark = pytest.mark.slow
-
-
-def rows(db_url: str, sql: str, *params: Any) -> list[dict[str, Any]]:
-    with psycopg.connect(db_url, row_factory=dict_row) as conn:
-        return conn.execute(sql, params).fetchall()
 
 
 def counts(db_url: str, run_id: str) -> dict[str, int]:
@@ -70,25 +63,38 @@ def _finish(client: Client, workers: Workers, db_url: str, run_id: str, timeout:
         time.sleep(0.5)
 
 
-def test_a_map_of_ten_thousand_items_completes(
-    workers: Workers, client: Client, redis: redis_lib.Redis, db_url: str
-) -> None:
+def at_scale(
+    workers: Workers,
+    client: Client,
+    redis: redis_lib.Redis,
+    db_url: str,
+    workflow: str,
+    input: Any,
+    what: str,
+) -> Any:
+    """Run it through two `executor worker` processes; print how long it took."""
     for _ in range(2):
         workers.start(via="executor")
     workers.wait_registered(redis, 2)
     started = time.monotonic()
-    run_id = client.start_run("t_fan", {"n": 10_000})
+    run_id = client.start_run(workflow, input)
     view = _finish(client, workers, db_url, run_id, timeout=900)
-    took = time.monotonic() - started
-    print(f"\nmap of 10,000 items: {took:.1f} s through 2 workers")
+    print(f"\n{what}: {time.monotonic() - started:.1f} s through 2 workers")
     assert view.status == "completed", workers.output()
+    return view
+
+
+def test_a_map_of_ten_thousand_items_completes(
+    workers: Workers, client: Client, redis: redis_lib.Redis, db_url: str
+) -> None:
+    view = at_scale(workers, client, redis, db_url, "t_fan", {"n": 10_000}, "map of 10,000 items")
     assert view.output == {"total": {"items": 10_000, "sum": sum(i * i for i in range(10_000))}}
-    assert counts(db_url, run_id) == {"completed": 10_003}
+    assert counts(db_url, view.run_id) == {"completed": 10_003}
     [m] = rows(
         db_url,
         "SELECT items_total, items_done, jsonb_array_length(output) AS n, output -> 9999 AS last"
         " FROM executor.steps WHERE run_id = %s AND step_key = 'square'",
-        run_id,
+        view.run_id,
     )
     assert (m["items_total"], m["items_done"], m["n"], m["last"]) == (
         10_000,
@@ -102,15 +108,8 @@ def test_a_map_of_ten_thousand_items_completes(
 def test_a_run_of_ten_thousand_parallel_steps_and_a_join_completes(
     workers: Workers, client: Client, redis: redis_lib.Redis, db_url: str
 ) -> None:
-    for _ in range(2):
-        workers.start(via="executor")
-    workers.wait_registered(redis, 2)
-    started = time.monotonic()
-    run_id = client.start_run("t_wide")
-    view = _finish(client, workers, db_url, run_id, timeout=900)
-    took = time.monotonic() - started
-    print(f"\nroot -> {WIDE:,} parallel steps -> join: {took:.1f} s through 2 workers")
-    assert view.status == "completed", workers.output()
+    what = f"root -> {WIDE:,} parallel steps -> join"
+    view = at_scale(workers, client, redis, db_url, "t_wide", None, what)
     assert view.output == {"join": {"branches": WIDE, "sum": WIDE}}
-    assert counts(db_url, run_id) == {"completed": WIDE + 2}
+    assert counts(db_url, view.run_id) == {"completed": WIDE + 2}
     assert_verified(db_url)
