@@ -49,6 +49,10 @@ class UnknownWorkflow(ExecutorError):
     """No workflow of that name is registered in this process."""
 
 
+class InvalidWorkflow(ExecutorError):
+    """This process's definition of the workflow cannot be planned into a run."""
+
+
 class StepTimeout(BaseException):
     """The step ran past its timeout and was interrupted.
 

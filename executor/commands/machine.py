@@ -298,8 +298,6 @@ def _dispatch(t: Transition, command: DispatchStep) -> None:
     step = _get_step(t, command.step_key)
     if step.status in STEP_TERMINAL:
         raise Drop("terminal", f"step {step.step_key} is {step.status}")
-    if t.run.status in RUN_TERMINAL:
-        raise Drop("terminal", f"run is {t.run.status}")
     if command.attempt <= step.attempt and step.status != "retrying":
         if command.attempt < step.attempt:
             raise Drop("stale_attempt", f"attempt {command.attempt} superseded by {step.attempt}")
@@ -310,10 +308,8 @@ def _dispatch(t: Transition, command: DispatchStep) -> None:
             f"step {step.step_key} is {step.status} at attempt {step.attempt}; "
             f"cannot dispatch attempt {command.attempt}",
         )
-    if t.run.status == "paused":
-        raise Drop("paused", "run is paused; resuming it dispatches due retries")
-    if t.run.steps_failed > 0:
-        raise Drop("invalid_transition", "a step of this run failed; nothing more is dispatched")
+    # Before the run's state: a failed run can be reopened before this retry is due, and
+    # only a refusal for now keeps the dispatch (its key, its outbox row) for that.
     due = step.next_attempt_at
     if due is not None and due > t.now:
         raise Drop(
@@ -321,6 +317,12 @@ def _dispatch(t: Transition, command: DispatchStep) -> None:
             f"attempt {command.attempt} is due at {due.isoformat()} (database clock)",
             resend=FollowUp(step.queue, command, not_before=due),
         )
+    if t.run.status in RUN_TERMINAL:
+        raise Drop("terminal", f"run is {t.run.status}")
+    if t.run.status == "paused":
+        raise Drop("paused", "run is paused; resuming it dispatches due retries")
+    if t.run.steps_failed > 0:
+        raise Drop("invalid_transition", "a step of this run failed; nothing more is dispatched")
     p.queue(t, step)
 
 
@@ -342,12 +344,24 @@ def _manual_retry(t: Transition, command: RetryStep) -> None:
             f"map {step.step_key} failed because its upstream's output is not a list; "
             "retrying cannot change that",
         )
-    if t.run.status == "failed":
+    reopening = t.run.status == "failed"
+    if reopening:
         _reclaim_slot(t)
         t.set_run("running", error=None)
         t.emit("run_resumed", reason="manual_retry", step_key=step.step_key)
     p.queue(t, step, manual=True, requested_by=command.requested_by)
     p.resume_work(t)
+    if reopening:
+        _fire_due_timers(t)
+
+
+def _fire_due_timers(t: Transition) -> None:
+    """A reopened run's timers that came due while it was failed fire now: a wake that
+    reached the failed run was refused as `terminal` and spent its key for good."""
+    for row in sorted(t.source.unfinished(), key=lambda s: s.step_key):
+        step = t.steps.setdefault(row.step_key, row)
+        if step.status in ("sleeping", "waiting") and step.wake_at and step.wake_at <= t.now:
+            _fire(t, step)
 
 
 def _reclaim_slot(t: Transition) -> None:
@@ -433,8 +447,6 @@ def _wake(t: Transition, command: WakeStep) -> None:
     step = _get_step(t, command.step_key)
     if step.status in STEP_TERMINAL:
         raise Drop("terminal", f"step {step.step_key} is {step.status}")
-    if t.run.status in RUN_TERMINAL:
-        raise Drop("terminal", f"run is {t.run.status}")
     if command.attempt != step.attempt or step.status not in ("sleeping", "waiting"):
         raise Drop(
             "stale_attempt" if command.attempt < step.attempt else "invalid_transition",
@@ -443,14 +455,22 @@ def _wake(t: Transition, command: WakeStep) -> None:
         )
     if step.wake_at is None:
         raise Drop("invalid_transition", f"step {step.step_key} waits without a timeout")
-    if t.run.status == "paused":
-        raise Drop("paused", "run is paused; its timers fire once it is resumed")
+    # Before the run's state, as for a dispatch: a failed run may reopen before the timer.
     if step.wake_at > t.now:
         raise Drop(
             "not_due",
             f"timer of attempt {step.attempt} is due at {step.wake_at.isoformat()}",
             resend=FollowUp("default", command, not_before=step.wake_at),
         )
+    if t.run.status in RUN_TERMINAL:
+        raise Drop("terminal", f"run is {t.run.status}")
+    if t.run.status == "paused":
+        raise Drop("paused", "run is paused; its timers fire once it is resumed")
+    _fire(t, step)
+
+
+def _fire(t: Transition, step: StepRow) -> None:
+    """A due timer: a sleep completes, a wait times out (retrying while attempts are left)."""
     if step.status == "sleeping":
         p.complete(t, step, None)
     else:

@@ -38,6 +38,8 @@ Fence = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_
 """The token of one delivery: who owns a started attempt."""
 Key = Annotated[str, Field(min_length=1, max_length=300)]
 Attempt = Annotated[int, Field(ge=1, le=1_000_000)]
+MAX_STEPS = 100_000
+"""Steps a run's graph may declare (map items are not counted: they come from data)."""
 
 
 class _Model(BaseModel):
@@ -169,7 +171,7 @@ class StartRun(_CommandBase):
     type: Literal["start_run"] = "start_run"
     idempotency_key: Key = Field(default="", validate_default=False)
     workflow: Identifier
-    steps: tuple[StepSpec, ...] = Field(min_length=1, max_length=10_000)
+    steps: tuple[StepSpec, ...] = Field(min_length=1, max_length=MAX_STEPS)
     continue_on: Identifier | None = None
     fence: Fence | None = None
 

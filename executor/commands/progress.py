@@ -203,7 +203,7 @@ def settle(t: Transition) -> None:
     if run.status != "running":
         return
     if run.steps_failed > 0:
-        if run.steps_active == 0:
+        if run.steps_active == 0 and not _waits_on_a_child(t):
             failed = (
                 next((s.step_key for s in t.steps.values() if s.status == "failed"), None)
                 or t.source.failed_step()
@@ -221,6 +221,20 @@ def settle(t: Transition) -> None:
         t.set_run("completed", output=output)
         t.emit("run_completed", output=output)
         run_ended(t)
+
+
+def _waits_on_a_child(t: Transition) -> bool:
+    """A step waiting on a child run holds the run open until the child reports.
+
+    Failing the run first would refuse the child's `child_finished` as `terminal`, for good
+    (its key is the child's, derived): a manual retry reopening the run would then leave that
+    step waiting forever. Read only when the run is about to fail.
+    """
+    for row in t.source.unfinished():
+        step = t.steps.get(row.step_key, row)
+        if step.kind == "child" and step.status == "waiting":
+            return True
+    return False
 
 
 def run_ended(t: Transition) -> None:

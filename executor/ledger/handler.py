@@ -136,9 +136,9 @@ class Ledger:
 
     def record_drop(self, command: Command, reason: str, detail: str) -> Outcome:
         """Record, in a transaction of its own, a delivery refused before the handler could
-        decide it (a busy ledger, a workflow this worker does not know). Transient reasons
-        only: the key stays usable."""
-        assert reason in TRANSIENT_REASONS or reason == "unknown_entity"
+        decide it (a busy ledger, a workflow this worker does not know or cannot plan).
+        Refusals for now only: no receipt, the key stays usable."""
+        assert reason in TRANSIENT_REASONS or reason in ("unknown_entity", "invalid_payload")
         with self.pool.connection() as conn:
             _insert_drop(conn, command, reason, detail)
         log.warning("dropped %s: %s (%s)", command.describe(), reason, detail)

@@ -47,6 +47,7 @@ from executor.errors import (
     ConcurrencyKeyTaken,
     ConcurrencyLimitConflict,
     InvalidCommand,
+    InvalidWorkflow,
     UnknownWorkflow,
 )
 from executor.ledger.outcome import OutboxItem, Outcome
@@ -120,8 +121,13 @@ def handle(
                         ),
                         fence=fence,
                     )
-                except UnknownWorkflow as exc:
-                    outcome = runtime.ledger.record_drop(command, "unknown_entity", str(exc))
+                except (UnknownWorkflow, InvalidWorkflow) as exc:
+                    # Refused by this worker's code, not by the ledger: a worker with other
+                    # code may still plan the run, so the key stays usable.
+                    reason = (
+                        "unknown_entity" if isinstance(exc, UnknownWorkflow) else "invalid_payload"
+                    )
+                    outcome = runtime.ledger.record_drop(command, reason, str(exc))
                     return _finish(outcome, job)
             outcome = runner.apply(command, rearm=rearm)
             runtime.dispatcher.push(outcome.followups)

@@ -27,9 +27,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
+from pydantic import ValidationError
 
 from executor import observability
 from executor.commands.models import (
+    MAX_STEPS,
     BackoffPolicy,
     Command,
     CompleteStep,
@@ -38,7 +40,13 @@ from executor.commands.models import (
     StartStep,
     SuspendStep,
 )
-from executor.errors import LeaseLost, LedgerBusy, StepTimeout, UnknownWorkflow
+from executor.errors import (
+    InvalidWorkflow,
+    LeaseLost,
+    LedgerBusy,
+    StepTimeout,
+    UnknownWorkflow,
+)
 from executor.ledger.handler import Ledger
 from executor.ledger.outcome import OutboxItem, Outcome
 from executor.ledger.outcome import StepContext as StepContextInfo
@@ -66,18 +74,28 @@ def plan_run(
 
     `max_attempts` and `backoff` are the configured defaults for steps that set neither;
     `continue_on` offers to run a root step of that queue in place (StartRun.continue_on).
+    Raises UnknownWorkflow, or InvalidWorkflow for a graph no run may have (too many steps).
     """
     if command.steps:
         return command
     wf = get_workflow(command.workflow)
-    return StartRun(
-        run_id=command.run_id,
-        workflow=command.workflow,
-        steps=wf.specs(max_attempts=max_attempts, backoff=backoff),
-        idempotency_key=command.idempotency_key,
-        continue_on=continue_on,
-        fence=fence,
-    )
+    specs = wf.specs(max_attempts=max_attempts, backoff=backoff)
+    if len(specs) > MAX_STEPS:
+        raise InvalidWorkflow(
+            f"workflow {wf.name!r} has {len(specs)} steps; a run may have at most {MAX_STEPS}"
+        )
+    try:
+        return StartRun(
+            run_id=command.run_id,
+            workflow=command.workflow,
+            steps=specs,
+            idempotency_key=command.idempotency_key,
+            continue_on=continue_on,
+            fence=fence,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(str(e["msg"]) for e in exc.errors()[:3])
+        raise InvalidWorkflow(f"workflow {wf.name!r} cannot be planned: {problems}") from exc
 
 
 class _Heartbeats:

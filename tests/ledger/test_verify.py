@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import psycopg
+import pytest
 from psycopg.rows import dict_row
 
 from executor.ledger.verify import verify
@@ -366,3 +367,40 @@ def test_stop_at_first_and_one_run_only(ledger: Conn) -> None:
     assert verify(ledger).violations_total == 3
     assert verify(ledger, stop_at_first=True).violations_total == 1
     assert [v.run_id for v in verify(ledger, run_id="r1").violations] == ["r1"]
+
+
+def _planning_refusal(conn: Conn, run_id: str, reason: str = "unknown_entity") -> None:
+    conn.execute(
+        "INSERT INTO executor.drops (idempotency_key, run_id, command_type, reason, detail)"
+        " VALUES (%s, %s, 'start_run', %s, 'this worker cannot plan it')",
+        (f"start_run:{run_id}", run_id, reason),
+    )
+
+
+@pytest.mark.parametrize("reason", ["unknown_entity", "invalid_payload"])
+def test_a_worker_refusing_to_plan_a_run_keeps_the_key_usable(ledger: Conn, reason: str) -> None:
+    """A workflow the worker does not know, or a graph it cannot plan: recorded by the worker
+    with no receipt, so a worker with other code can start the run later under the same key."""
+    waiting = Log("waiting").create()
+    started = Log("started").create()
+    started.start({"a": []}, queue=("a",)).run_step(
+        "a", 1, E("run_completed", output={"a": out("a")})
+    )
+    for log in (waiting, started):
+        log.write(ledger)
+        _planning_refusal(ledger, log.run_id, reason)
+    assert_clean(verify(ledger))
+
+
+def test_an_unknown_entity_refusal_without_a_receipt_of_a_run_that_never_existed_is_flagged(
+    ledger: Conn,
+) -> None:
+    _planning_refusal(ledger, "ghost")
+    assert found(verify(ledger)) == [("drop_without_receipt", "ghost", None, None)]
+
+
+def test_a_planning_refusal_disagreeing_with_a_final_receipt_is_flagged(ledger: Conn) -> None:
+    log = Log().create().drop("start_run:r1", "invalid_payload")  # the handler's own, receipted
+    log.write(ledger)
+    _planning_refusal(ledger, "r1", "unknown_entity")
+    assert found(verify(ledger)) == [("drop_receipt_mismatch", "r1", None, None)]

@@ -143,6 +143,11 @@ def wait_for(
         time.sleep(interval)
 
 
+def rows(database_url: str, sql: str, *params: Any) -> list[dict[str, Any]]:
+    with psycopg.connect(database_url, row_factory=dict_row) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
 def assert_verified(database_url: str) -> None:
     with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
         report = verify(conn)

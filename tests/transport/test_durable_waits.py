@@ -3,6 +3,8 @@ a child run, and what killing every worker or flushing Redis does to them (nothi
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 import psycopg
@@ -11,10 +13,22 @@ import redis as redis_lib
 from psycopg.rows import dict_row
 
 from executor.client import Client
+from executor.commands.models import CancelRun
 
-from .conftest import Workers, assert_verified, wait_for
+from .conftest import Workers, assert_verified, rows, wait_for
 
 pytestmark = pytest.mark.slow
+
+
+def drops(db_url: str, run_id: str, command_type: str) -> list[str]:
+    found = rows(
+        db_url,
+        "SELECT reason FROM executor.drops WHERE run_id = %s AND command_type = %s"
+        " ORDER BY drop_id",
+        run_id,
+        command_type,
+    )
+    return [r["reason"] for r in found]
 
 
 def step(db_url: str, run_id: str, key: str) -> dict[str, Any]:
@@ -67,9 +81,22 @@ def test_an_event_sent_before_the_wait_is_kept_and_an_empty_map_completes(
     workers.wait_registered(redis, 1)
     run_id = client.start_run("t_onboard", {"n": 0})
     assert client.send_event(run_id, "approved", "early", idempotency_key="a").applied
+    # The same send again, before the wait too: one intent, kept once.
+    assert client.send_event(run_id, "approved", "again", idempotency_key="a").reason == (
+        "duplicate"
+    )
     view = client.wait(run_id, timeout=30)
     assert view.status == "completed", workers.output()
     assert view.output == {"welcome": {"accounts": 0, "invoice": {"bill": {"billed": "early"}}}}
+    assert client.send_event(run_id, "approved", "late", idempotency_key="b").reason == "terminal"
+    assert client.send_event(run_id, "approved", "x", idempotency_key="a").reason == "duplicate"
+    received = rows(
+        db_url,
+        "SELECT consumed_by, payload FROM executor.run_events WHERE run_id = %s",
+        run_id,
+    )
+    assert received == [{"consumed_by": "approval", "payload": "early"}]
+    assert drops(db_url, run_id, "send_event") == ["duplicate", "terminal", "duplicate"]
     assert_verified(db_url)
 
 
@@ -83,4 +110,95 @@ def test_a_failing_child_fails_its_parent_step(
     view = client.wait(run_id, timeout=30)
     assert view.status == "failed", workers.output()
     assert step(db_url, run_id, "invoice")["status"] == "failed"
+    assert_verified(db_url)
+
+
+def test_a_sleeping_step_survives_every_worker_killed_and_a_flushed_redis_and_fires_once(
+    workers: Workers, client: Client, redis: redis_lib.Redis, db_url: str
+) -> None:
+    """The timer lives in Postgres: SIGKILL every worker (the leader among them) and flush
+    the test's Redis db while the step sleeps, start a new worker, and it fires, once."""
+    first = [workers.start(), workers.start()]
+    workers.wait_registered(redis, 2)
+    run_id = client.start_run("t_nap")
+    wait_for(
+        lambda: step(db_url, run_id, "nap").get("status") == "sleeping",
+        timeout=30,
+        what="the nap to sleep",
+        context=workers.output,
+    )
+    for proc in first:
+        os.kill(proc.pid, signal.SIGKILL)
+    for proc in first:
+        proc.wait(timeout=10)
+    redis.flushdb()  # this session's db index only: the server is shared
+    assert not redis.keys("*")
+    [due] = rows(
+        db_url, "SELECT wake_at FROM executor.steps WHERE run_id = %s AND step_key = 'nap'", run_id
+    )
+    wait_for(
+        lambda: rows(db_url, "SELECT now() > %s AS past", due["wake_at"])[0]["past"],
+        timeout=10,
+        what="the timer's time to pass with no worker alive",
+    )
+    assert step(db_url, run_id, "nap")["status"] == "sleeping"  # nobody fired it
+    workers.start()
+    view = client.wait(run_id, timeout=30)
+    assert view.status == "completed", workers.output()
+    assert view.output == {"woke": {"woke": 1}}
+    fired = rows(
+        db_url,
+        "SELECT created_at - %s AS late FROM executor.events"
+        " WHERE run_id = %s AND step_key = 'nap' AND type = 'step_completed'",
+        due["wake_at"],
+        run_id,
+    )
+    assert len(fired) == 1
+    assert fired[0]["late"].total_seconds() > 0  # never early
+    wakes = rows(
+        db_url,
+        "SELECT outcome FROM executor.receipts WHERE run_id = %s AND command_type = 'wake_step'",
+        run_id,
+    )
+    assert wakes == [{"outcome": "applied"}]
+    assert_verified(db_url)
+
+
+def test_cancelling_a_parent_mid_flight_cancels_its_child_whose_report_is_then_terminal(
+    workers: Workers, client: Client, redis: redis_lib.Redis, db_url: str
+) -> None:
+    workers.start()
+    workers.wait_registered(redis, 1)
+    run_id = client.start_run("t_parent")
+    child = wait_for(
+        lambda: step(db_url, run_id, "kid").get("child_run_id"),
+        timeout=30,
+        what="the child run to start",
+        context=workers.output,
+    )
+    wait_for(
+        lambda: step(db_url, child, "gate").get("status") == "waiting",
+        timeout=30,
+        what="the child to wait at its gate",
+        context=workers.output,
+    )
+    assert client.apply(CancelRun(run_id=run_id, reason="stop", idempotency_key="c1")).applied
+    child_view = client.wait(child, timeout=30)
+    assert child_view.status == "cancelled", workers.output()
+    assert [s.status for s in child_view.steps] == ["cancelled", "cancelled"]
+    # The child's end reports to its parent, which is cancelled already: dropped as terminal.
+    wait_for(
+        lambda: drops(db_url, run_id, "child_finished") == ["terminal"],
+        timeout=30,
+        what="the parent to drop the child's late report",
+        context=workers.output,
+    )
+    parent_view = client.get_run(run_id)
+    assert parent_view is not None
+    assert parent_view.status == "cancelled"
+    assert {s.step_key: s.status for s in parent_view.steps} == {
+        "kid": "cancelled",
+        "after_kid": "cancelled",
+    }
+    assert drops(db_url, child, "cancel_run") == []  # the cancel applied once
     assert_verified(db_url)

@@ -96,3 +96,75 @@ def many(ctx: StepContext) -> list[int]:
 @limited.step(depends_on=[many], map_over=many)
 def each(ctx: StepContext) -> int:
     return int(ctx.item)
+
+
+# A durable timer and then a step: fires once, whatever happens to workers and Redis.
+napper = Workflow("t_nap", max_attempts=1)
+nap = napper.sleep("nap", seconds=3)
+
+
+@napper.step(depends_on=[nap])
+def woke(ctx: StepContext) -> dict[str, Any]:
+    return {"woke": ctx.attempt}
+
+
+# A map over a list of any length, and the sum of its items' outputs.
+fan = Workflow("t_fan", max_attempts=1)
+
+
+@fan.step
+def numbers(ctx: StepContext) -> list[int]:
+    return list(range(int(ctx.input["n"])))
+
+
+@fan.step(depends_on=[numbers], map_over=numbers)
+def square(ctx: StepContext) -> int:
+    return int(ctx.item) ** 2
+
+
+@fan.step(depends_on=[square])
+def total(ctx: StepContext) -> dict[str, int]:
+    return {"items": len(ctx.upstream["square"]), "sum": sum(ctx.upstream["square"])}
+
+
+# One root, WIDE parallel steps, one join: WIDE + 2 steps in one run's graph.
+WIDE = 10_000
+wide = Workflow("t_wide", max_attempts=1)
+
+
+@wide.step
+def root(ctx: StepContext) -> int:
+    return 1
+
+
+def _branch(ctx: StepContext) -> int:
+    return int(ctx.upstream["root"])
+
+
+for _i in range(WIDE):
+    wide.step(key=f"p{_i}", depends_on=["root"])(_branch)
+
+
+@wide.step(depends_on=[f"p{i}" for i in range(WIDE)])
+def join(ctx: StepContext) -> dict[str, int]:
+    return {"branches": len(ctx.upstream), "sum": sum(ctx.upstream.values())}
+
+
+# A gate nobody opens unless told: runs that stay alive until an event or a cancel.
+gated = Workflow("t_gate", max_attempts=1)
+gate = gated.wait_for("gate", event="open")
+
+
+@gated.step(depends_on=[gate])
+def through(ctx: StepContext) -> Any:
+    return ctx.upstream["gate"]
+
+
+# A parent whose child waits for an event nobody sends: cancel the parent mid-flight.
+parent = Workflow("t_parent", max_attempts=1)
+kid = parent.child("kid", workflow="t_gate", input={})
+
+
+@parent.step(depends_on=[kid])
+def after_kid(ctx: StepContext) -> Any:
+    return ctx.upstream["kid"]

@@ -3,7 +3,8 @@
 Rules (DESIGN "Final and transient drops"): an applied receipt covers exactly the events
 first_seq..last_seq its key produced; a final refusal leaves a receipt whose outcome is the
 reason and a drop row; a transient refusal (key_taken, paused, not_due, busy) leaves a drop
-row and no receipt, so its key stays usable and may be applied later; a duplicate is a drop
+row and no receipt, so its key stays usable and may be applied later, and so does a worker's
+refusal to plan a run (a workflow it does not know or cannot plan); a duplicate is a drop
 row of a key that has a receipt. A receipt never records a transient reason.
 """
 
@@ -75,6 +76,20 @@ class RunAccounts:
                 "receipt_range", f"event {ev.type} lies outside its receipt", ev.step_key, ev.seq
             )
 
+    def _planning_refusal(self, key: str, reason: str, command_type: str | None) -> bool:
+        """A start_run of a run that exists, refused as `unknown_entity` (a workflow the
+        planning worker does not know) or `invalid_payload` (a graph it cannot plan), with no
+        receipt of that refusal: recorded by the worker before the handler saw it, and as
+        transient as `busy`, so a worker with other code can still start the run under the
+        same key (the handler itself says `unknown_entity` to a start_run only when its run
+        does not exist, and records its own `invalid_payload` refusals in a receipt)."""
+        if command_type != "start_run" or reason not in ("unknown_entity", "invalid_payload"):
+            return False
+        if not self.event_keys:
+            return False
+        receipt = self._receipt(key)
+        return receipt is None or receipt["outcome"] == "applied"
+
     def finish(self, drops: Iterable[dict[str, Any]]) -> int:
         """Check the drops and the receipts; returns how many drop rows there were."""
         dropped: Counter[tuple[str, str]] = Counter()
@@ -85,7 +100,9 @@ class RunAccounts:
             if key is None:
                 continue  # never became a command (I8): nothing to pair it with
             dropped[(key, reason)] += 1
-            if reason in TRANSIENT_DROPS:
+            if reason in TRANSIENT_DROPS or self._planning_refusal(
+                key, reason, d.get("command_type")
+            ):
                 continue
             if reason not in FINAL_DROPS:
                 self.report(

@@ -151,7 +151,7 @@ class Scan:
                 f"FROM executor.receipts {where} ORDER BY run_id, received_at"
             ),
             "drops": (
-                "SELECT run_id, idempotency_key, step_key, reason "
+                "SELECT run_id, idempotency_key, step_key, reason, command_type "
                 f"FROM executor.drops {where} ORDER BY run_id, drop_id"
             ),
         }
