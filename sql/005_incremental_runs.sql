@@ -182,7 +182,7 @@ CREATE TABLE executor.hooks (
 DROP FUNCTION executor.lock_for_command(text, text, boolean);
 CREATE FUNCTION executor.lock_for_command(
     p_run_id text, p_key text, p_step_key text, p_fence text, p_launch_key text,
-    p_launch_limit integer, p_also text)
+    p_launch_limit integer, p_also text, p_dependants boolean)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -197,6 +197,7 @@ DECLARE
     v_keys text[];
     v_one text;
     v_row jsonb;
+    v_rows jsonb[] := '{}';
 BEGIN
     SELECT to_jsonb(r) INTO v_run FROM executor.runs AS r WHERE run_id = p_run_id FOR UPDATE;
     IF v_run IS NULL AND p_launch_key IS NOT NULL THEN
@@ -211,8 +212,8 @@ BEGIN
     FROM executor.receipts WHERE idempotency_key = p_key;
     IF v_outcome IS NOT NULL THEN
         IF p_fence IS NOT NULL AND v_run IS NOT NULL THEN
-            SELECT to_jsonb(s) || jsonb_build_object('ctid', s.ctid::text) INTO v_owned
-            FROM executor.steps AS s
+            SELECT to_jsonb(s) - 'depends_on' || jsonb_build_object('ctid', s.ctid::text)
+            INTO v_owned FROM executor.steps AS s
             WHERE s.run_id = p_run_id AND s.status = 'running' AND s.fence = p_fence
             LIMIT 1;
         END IF;
@@ -220,18 +221,34 @@ BEGIN
         -- The keys first, then each row by its whole primary key, in key order. Asked for
         -- all at once (a join, or step_key = ANY), a planner that believes a run has few
         -- steps reads every step of the run to find them.
-        SELECT t.dependants || p_step_key || t.parent_step || p_also INTO v_keys
-        FROM executor.steps AS t WHERE t.run_id = p_run_id AND t.step_key = p_step_key;
+        -- Only an outcome needs the dependants and the map: a start changes its step alone.
+        IF p_dependants THEN
+            SELECT t.dependants || p_step_key || t.parent_step || p_also INTO v_keys
+            FROM executor.steps AS t WHERE t.run_id = p_run_id AND t.step_key = p_step_key;
+        ELSE
+            v_keys := ARRAY[p_step_key, p_also];
+        END IF;
         FOR v_one IN SELECT DISTINCT k FROM unnest(v_keys) AS k WHERE k IS NOT NULL ORDER BY k
         LOOP
-            SELECT to_jsonb(x) || jsonb_build_object('ctid', x.ctid::text) INTO v_row
-            FROM executor.steps AS x
-            WHERE x.run_id = p_run_id AND x.step_key = v_one
-            FOR UPDATE;
+            -- Every column but depends_on, which may be long (a join of thousands) and is
+            -- only needed for a started step's upstream outputs, read then by key.
+            SELECT to_jsonb(r) INTO v_row FROM (
+                SELECT x.step_key, x.status, x.attempt, x.max_attempts, x.queue,
+                       x.timeout_seconds, x.backoff, x.output, x.error, x.lease_expires_at,
+                       x.next_attempt_at, x.kind, x.dependants, x.waiting_on, x.map_over,
+                       x.parent_step, x.item_index, x.item, x.items_total, x.items_done,
+                       x.fence, x.wake_at, x.event_name, x.child_run_id, x.ctid::text AS ctid
+                FROM executor.steps AS x
+                WHERE x.run_id = p_run_id AND x.step_key = v_one
+                FOR UPDATE OF x
+            ) AS r;
+            -- Gathered in an array, which plpgsql appends to in place; appending to the
+            -- jsonb itself copies it each time, quadratic in a fan-out of thousands.
             IF v_row IS NOT NULL THEN
-                v_steps := v_steps || jsonb_build_array(v_row);
+                v_rows := array_append(v_rows, v_row);
             END IF;
         END LOOP;
+        v_steps := to_jsonb(v_rows);
     ELSIF v_run IS NULL AND p_launch_key IS NOT NULL THEN
         SELECT jsonb_build_object(
             'limit', v_limit,

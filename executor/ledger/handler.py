@@ -52,6 +52,9 @@ Conn = psycopg.Connection[dict[str, Any]]
 
 _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.UniqueViolation)
 
+# Commands that may end a step, and so must see its dependants and its map.
+_OUTCOMES = frozenset({"complete_step", "wake_step", "child_finished"})
+
 # The unique violations two honest deliveries can race into; anything else is a real fault.
 _RACING_CONSTRAINTS = frozenset(
     {"receipts_pkey", "runs_pkey", "runs_concurrency_slot", "concurrency_keys_pkey"}
@@ -247,6 +250,7 @@ class Ledger:
                 launch_key,
                 getattr(command, "concurrency_limit", 1),
                 getattr(command, "continue_with", None),
+                command.type in _OUTCOMES,
             ),
         ).fetchone()
         assert row is not None
@@ -373,10 +377,14 @@ def _upstream(
     conn: Conn, run_id: str, step: StepRow, t: Transition | None
 ) -> psycopg.Cursor[dict[str, Any]] | None:
     """Outputs of the started step's upstream not already in hand, read in the commit's round
-    trip (None: nothing to read). Completed steps never change, so any snapshot would do."""
-    known = () if t is None else tuple(d for d in step.depends_on if d in t.steps)
-    wanted = [d for d in step.depends_on if d not in known]
-    return conn.execute(q.OUTPUTS, (wanted, run_id)) if wanted else None
+    trip (None: nothing to read). Completed steps never change, so any snapshot would do.
+    A step created by this transaction has its depends_on in hand; any other is read here,
+    since the locked rows leave depends_on out (a join's may be thousands long)."""
+    if step.new:
+        wanted = [d for d in step.depends_on if t is None or d not in t.steps]
+        return conn.execute(q.OUTPUTS, (wanted, run_id)) if wanted else None
+    known = [] if t is None else list(t.steps)
+    return conn.execute(q.UPSTREAM, {"known": known, "run_id": run_id, "step_key": step.step_key})
 
 
 def _read_back(pending: _Pending) -> None:
@@ -388,11 +396,14 @@ def _read_back(pending: _Pending) -> None:
             updates["followups"] = tuple(OutboxItem(**r) for r in rows)
     if pending.context is not None:
         step, where, cursor = pending.context
-        upstream = {r["step_key"]: r["output"] for r in cursor.fetchall()} if cursor else {}
+        rows = cursor.fetchall() if cursor else []
+        upstream = {r["step_key"]: r["output"] for r in rows if not r.get("known")}
         if isinstance(where, Transition):
-            for d in step.depends_on:
-                if d in where.steps:
-                    upstream[d] = where.steps[d].output
+            in_hand = [r["step_key"] for r in rows if r.get("known")] + [
+                d for d in step.depends_on if d in where.steps
+            ]
+            for d in in_hand:
+                upstream[d] = where.steps[d].output
             workflow, run_input = where.run.workflow, where.run.input
         else:
             workflow, run_input = where["workflow"], where["input"]

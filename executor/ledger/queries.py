@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # See sql/005: the run lock, the key, and the rows the command names, in one call.
-LOCK_FOR_COMMAND = "SELECT executor.lock_for_command(%s, %s, %s, %s, %s, %s, %s) AS locked"
+LOCK_FOR_COMMAND = "SELECT executor.lock_for_command(%s, %s, %s, %s, %s, %s, %s, %s) AS locked"
 
 INSERT_RECEIPT = """
 INSERT INTO executor.receipts
@@ -51,16 +51,22 @@ SPEND_OUTBOX = "DELETE FROM executor.outbox WHERE run_id = %s AND idempotency_ke
 
 # --- reads a decision may pull in (RowSource); each locks what it returns -----------------
 
-_STEP = "SELECT *, ctid::text AS ctid FROM executor.steps WHERE run_id = %s"
+# Every column a decision reads; not depends_on (a join's may be thousands long), which only
+# a started step's upstream outputs need (UPSTREAM).
+STEP_COLUMNS = """step_key, status, attempt, max_attempts, queue, timeout_seconds, backoff, output,
+    error, lease_expires_at, next_attempt_at, kind, dependants, waiting_on, map_over,
+    parent_step, item_index, item, items_total, items_done, fence, wake_at, event_name,
+    child_run_id, ctid::text AS ctid"""
+_STEP = f"SELECT {STEP_COLUMNS} FROM executor.steps WHERE run_id = %s"
 
 # One lookup by the whole primary key per step, in key order: asked for with step_key =
 # ANY(...), or as a join the planner may flatten (OFFSET 0 keeps it from that), a planner
 # that believes a run has few steps reads every step of the run. The same holds for every
 # statement below that names rows of one run by key.
-STEPS_BY_KEY = """
+STEPS_BY_KEY = f"""
 SELECT s.* FROM unnest(%s::text[]) WITH ORDINALITY AS k(step_key, n)
 CROSS JOIN LATERAL (
-    SELECT *, ctid::text AS ctid FROM executor.steps
+    SELECT {STEP_COLUMNS} FROM executor.steps
     WHERE run_id = %s AND step_key = k.step_key
     FOR UPDATE
     OFFSET 0
@@ -189,7 +195,9 @@ WITH receipt AS (
         child_run_id text)
     -- By the row versions this transaction locked (a TID scan, the only path left): a
     -- join on the key may be planned as a read of every step of the run.
-    WHERE s.ctid = ANY(%(s_ctid)s::tid[]) AND s.ctid = u.ctid AND s.step_key = u.step_key
+    -- Matched to its new values by key: a nested loop on ctid would be quadratic in the
+    -- number of steps changed (a root making ten thousand steps ready).
+    WHERE s.ctid = ANY(%(s_ctid)s::tid[]) AND s.step_key = u.step_key
 ), changed_run AS (
     UPDATE executor.runs
     SET status = %(r_status)s, output = %(r_output)s::jsonb, error = %(r_error)s::jsonb,
@@ -255,12 +263,24 @@ WHERE run_id = %s AND received_seq = %s
 
 NOTIFY_ENDED = "SELECT pg_notify('executor_run_ended', %s)"
 
+# The outputs of given steps (the upstream of a step created in this transaction).
 OUTPUTS = """
 SELECT s.step_key, s.output FROM unnest(%s::text[]) AS k(step_key)
 CROSS JOIN LATERAL (
     SELECT step_key, output FROM executor.steps WHERE run_id = %s AND step_key = k.step_key
     OFFSET 0
 ) AS s
+"""
+
+# The outputs of a started step's upstream steps, in the commit's round trip; `known` are
+# the keys whose outputs the sender has in hand (a completion that made the step ready).
+UPSTREAM = """
+SELECT d.k AS step_key, d.k = ANY(%(known)s::text[]) AS known,
+       CASE WHEN d.k = ANY(%(known)s::text[]) THEN NULL ELSE (
+           SELECT o.output FROM executor.steps AS o
+           WHERE o.run_id = %(run_id)s AND o.step_key = d.k) END AS output
+FROM executor.steps AS t, unnest(t.depends_on) AS d(k)
+WHERE t.run_id = %(run_id)s AND t.step_key = %(step_key)s
 """
 
 # Heartbeats extend a lease without an event; attempt, fence and status in the WHERE clause

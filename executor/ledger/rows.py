@@ -57,7 +57,7 @@ def step_from_row(row: dict[str, Any]) -> StepRow:
         status=row["status"],
         attempt=row["attempt"],
         max_attempts=row["max_attempts"],
-        depends_on=tuple(row["depends_on"]),
+        depends_on=tuple(row.get("depends_on") or ()),  # left out of locked rows
         queue=row["queue"],
         timeout_seconds=row["timeout_seconds"],
         backoff=row["backoff"],
