@@ -153,6 +153,19 @@ class _Heartbeats:
                     log.warning("heartbeat failed; will try again", exc_info=True)
 
 
+class _Lease:
+    """One attempt's lease: its heartbeat, and the flag a lost beat raises."""
+
+    def __init__(self, ledger: Ledger, run_id: str, info: StepContextInfo, fence: str) -> None:
+        self.ledger, self.run_id, self.info, self.fence = ledger, run_id, info, fence
+        self.lost = threading.Event()
+
+    def beat(self) -> bool:
+        info = self.info
+        extended = self.ledger.extend_lease(self.run_id, info.step_key, info.attempt, self.fence)
+        return extended is not None
+
+
 class StepRunner:
     def __init__(
         self,
@@ -251,14 +264,19 @@ class StepRunner:
                     and self.may_continue(info.workflow, info.queue)
                     else None
                 )
-                final = observability.step_attempt(  # observability
-                    self.ledger.pool, run_id, info, self._attempt, run_id, info, fence, may_continue
-                )
-                if final is None:
-                    return last
-                if isinstance(final, CompleteStep) and may_continue and held:
-                    final = final.model_copy(update={"continue_with": held[0].command["step_key"]})
-                ended = self.apply(final, rearm=on_continue)
+                lease = _Lease(self.ledger, run_id, info, fence)
+                # The lease is kept until the outcome is committed: a report queued behind
+                # the run's lock (a busy map) must not lose to the reaper's verdict.
+                with self._heartbeats.watch(lease.beat, self.heartbeat_interval, lease.lost):
+                    final = observability.step_attempt(  # observability
+                        self.ledger.pool, run_id, info, self._attempt, info, lease, may_continue
+                    )
+                    if final is None:
+                        return last
+                    if isinstance(final, CompleteStep) and may_continue and held:
+                        nxt = held[0].command["step_key"]
+                        final = final.model_copy(update={"continue_with": nxt})
+                    ended = self.apply(final, rearm=on_continue)
                 last = ended
                 if ended.applied or ended.owner:
                     # An owner's duplicate: our first try committed unseen; what it started
@@ -315,14 +333,11 @@ class StepRunner:
         return None
 
     def _attempt(
-        self, run_id: str, info: StepContextInfo, fence: str, continue_on: str | None
+        self, info: StepContextInfo, lease: _Lease, continue_on: str | None
     ) -> Outcome_ | None:
-        """Run one started attempt under a heartbeat; None if its lease was taken over."""
-        ids = _Ids(run_id, info.step_key, info.attempt, fence)
-
-        def beat() -> bool:
-            return self.ledger.extend_lease(run_id, info.step_key, info.attempt, fence) is not None
-
+        """Run one started attempt (its lease beaten by the caller); None if it was lost."""
+        run_id = lease.run_id
+        ids = _Ids(run_id, info.step_key, info.attempt, lease.fence)
         ctx = StepContext(
             run_id=run_id,
             step_key=info.step_key,
@@ -333,19 +348,19 @@ class StepRunner:
             workflow=info.workflow,
             item=info.item,
             index=info.item_index,
-            _beat=beat,
+            _beat=lease.beat,
+            _lost=lease.lost,
         )
-        with self._heartbeats.watch(beat, self.heartbeat_interval, ctx._lost):
-            try:
-                return self._call(ids, info, ctx, continue_on)
-            except LeaseLost:
-                log.warning(
-                    "%s/%s attempt %d lost its lease; its result is discarded",
-                    run_id,
-                    info.step_key,
-                    info.attempt,
-                )
-                return None
+        try:
+            return self._call(ids, info, ctx, continue_on)
+        except LeaseLost:
+            log.warning(
+                "%s/%s attempt %d lost its lease; its result is discarded",
+                run_id,
+                info.step_key,
+                info.attempt,
+            )
+            return None
 
     def _call(
         self, ids: _Ids, info: StepContextInfo, ctx: StepContext, continue_on: str | None

@@ -80,7 +80,13 @@ def at_scale(
     run_id = client.start_run(workflow, input)
     view = _finish(client, workers, db_url, run_id, timeout=900)
     print(f"\n{what}: {time.monotonic() - started:.1f} s through 2 workers")
-    assert view.status == "completed", workers.output()
+    failed = rows(
+        db_url,
+        "SELECT step_key, attempt, error FROM executor.steps"
+        " WHERE run_id = %s AND status = 'failed' LIMIT 5",
+        run_id,
+    )
+    assert view.status == "completed", f"{view.error} {failed}\n{workers.output()}"
     return view
 
 

@@ -1,0 +1,112 @@
+"""An attempt keeps its lease until its outcome is recorded, not just until its function returns.
+
+A report can queue behind the run's lock (ten thousand items of one map share it). If the
+heartbeat stopped when the function returned, the lease would run out in that queue and the
+reaper could fail an attempt that had succeeded (with max_attempts=1, the whole run).
+
+The bad interleaving is forced: the test holds the run's row lock from the moment the
+function returns, waits until the report is blocked on it and until the original lease
+deadline has passed, and only then lets the report through.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from executor.commands.models import CreateRun, StartRun, StartStep
+from executor.ledger.handler import Ledger
+from executor.ledger.outcome import Outcome
+from executor.workflows.definition import StepContext, Workflow
+from executor.workflows.runner import StepRunner
+
+Pool = ConnectionPool[psycopg.Connection[dict[str, Any]]]
+
+LEASE = 1.0
+returned = threading.Event()
+lock_held = threading.Event()
+
+slow_report = Workflow("t_slow_report", max_attempts=1, register=True)
+
+
+@slow_report.step
+def only(ctx: StepContext) -> str:
+    returned.set()
+    assert lock_held.wait(10)
+    return "done"
+
+
+def _wait_for(what: str, check: Any, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_report_blocked_behind_the_run_lock_keeps_its_lease(pool: Pool, db_url: str) -> None:
+    ledger = Ledger(pool, lease_seconds=LEASE)
+    ledger.apply(CreateRun(run_id="slow", workflow="t_slow_report", idempotency_key="c-slow"))
+    ledger.apply(StartRun(run_id="slow", workflow="t_slow_report", steps=slow_report.specs()))
+    runner = StepRunner(ledger, lambda items: None, heartbeat_interval=0.1)
+    ended: list[Outcome] = []
+    worker = threading.Thread(
+        target=lambda: ended.append(
+            runner.run(fence="f", command=StartStep(run_id="slow", step_key="only", attempt=1))
+        )
+    )
+    worker.start()
+    with psycopg.connect(db_url, row_factory=dict_row) as holder:
+        assert returned.wait(10)
+        holder.execute("SELECT 1 FROM executor.runs WHERE run_id = 'slow' FOR UPDATE")
+        lock_held.set()
+
+        def blocked() -> bool:
+            row = holder.execute(
+                "SELECT count(*) AS n FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND query LIKE '%%lock_for_command%%'"
+            ).fetchone()
+            return row is not None and row["n"] > 0
+
+        _wait_for("the report to block on the run lock", blocked)
+
+        def lease() -> datetime:
+            row = holder.execute(
+                "SELECT lease_expires_at FROM executor.steps"
+                " WHERE run_id = 'slow' AND step_key = 'only'"
+            ).fetchone()
+            assert row is not None
+            assert row["lease_expires_at"] is not None
+            return row["lease_expires_at"]  # type: ignore[no-any-return]
+
+        first = lease()
+
+        def outlived() -> bool:
+            row = holder.execute("SELECT clock_timestamp() AS now").fetchone()
+            assert row is not None
+            return bool(row["now"] > first)
+
+        # Past the deadline the lease had when the report blocked: without a heartbeat it
+        # would now be expired, and the reaper's verdict free to fail the attempt.
+        _wait_for("the first lease deadline to pass", outlived)
+        _wait_for("a heartbeat to extend the lease", lambda: lease() > first)
+        row = holder.execute(
+            "SELECT lease_expires_at > clock_timestamp() AS held FROM executor.steps"
+            " WHERE run_id = 'slow' AND step_key = 'only'"
+        ).fetchone()
+        assert row is not None
+        assert row["held"]
+        holder.rollback()
+    worker.join(10)
+    assert not worker.is_alive()
+    [outcome] = ended
+    assert outcome.applied
+    assert outcome.run_status == "completed"
