@@ -17,7 +17,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from executor.commands.models import Command, wire
-from executor.commands.state import StepRow
+from executor.commands.state import RunRow, StepRow
 from executor.commands.transition import OtherRun, Transition
 from executor.ledger import queries as q
 
@@ -32,24 +32,7 @@ def write(
     first = run.last_seq + 1
     last = run.last_seq + len(t.events)
     if t.run_created:
-        conn.execute(
-            q.INSERT_RUN,
-            (
-                run.run_id,
-                run.workflow,
-                run.status,
-                run.concurrency_key,
-                run.concurrency_limit,
-                run.concurrency_slot,
-                Jsonb(run.input),
-                last,
-                run.parent_run_id,
-                run.parent_step_key,
-                run.parent_attempt,
-                run.traceparent,
-                run.status == "queued",
-            ),
-        )
+        _insert_run(conn, run, last)
     if t.key_limit is not None:
         key, limit = t.key_limit
         conn.execute(q.SET_KEY_LIMIT, (limit, key, limit))
@@ -155,29 +138,33 @@ def write(
     return outbox
 
 
+def _insert_run(conn: Conn, run: RunRow, last_seq: int) -> None:
+    conn.execute(
+        q.INSERT_RUN,
+        (
+            run.run_id,
+            run.workflow,
+            run.status,
+            run.concurrency_key,
+            run.concurrency_limit,
+            run.concurrency_slot,
+            Jsonb(run.input),
+            last_seq,
+            run.parent_run_id,
+            run.parent_step_key,
+            run.parent_attempt,
+            run.traceparent,
+            run.status == "queued",
+        ),
+    )
+
+
 def _write_other(conn: Conn, other: OtherRun) -> None:
     run = other.run
     first = run.last_seq + 1
     last = run.last_seq + len(other.events)
     if other.created:
-        conn.execute(
-            q.INSERT_RUN,
-            (
-                run.run_id,
-                run.workflow,
-                run.status,
-                run.concurrency_key,
-                run.concurrency_limit,
-                run.concurrency_slot,
-                Jsonb(run.input),
-                last,
-                run.parent_run_id,
-                run.parent_step_key,
-                run.parent_attempt,
-                run.traceparent,
-                run.status == "queued",
-            ),
-        )
+        _insert_run(conn, run, last)
     conn.execute(
         q.WRITE_OTHER_RUN,
         {
