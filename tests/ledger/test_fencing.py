@@ -233,3 +233,27 @@ def test_extend_lease_is_fenced_by_attempt(pool: Pool) -> None:
     late = ledger.apply(CompleteStep(fence="f", run_id=RUN, step_key=STEP, attempt=2))
     assert late.reason == "terminal"
     assert_verified(pool)
+
+
+def test_another_delivery_cannot_report_on_an_attempt_it_does_not_own(pool: Pool) -> None:
+    """Two deliveries of one start_step job: the second is told the first owns the attempt,
+    and an outcome it sends anyway (its own fence, the live attempt) is refused by name."""
+    ledger = Ledger(pool)
+    launch(ledger)
+    assert ledger.apply(StartStep(run_id=RUN, step_key=STEP, attempt=1, fence="owner")).applied
+    again = ledger.apply(StartStep(run_id=RUN, step_key=STEP, attempt=1, fence="intruder"))
+    assert (again.applied, again.owner) == (False, False)
+    forged = ledger.apply(
+        CompleteStep(run_id=RUN, step_key=STEP, attempt=1, fence="intruder", output="forged")
+    )
+    assert (forged.applied, forged.reason) == (False, "stale_attempt")
+    assert forged.detail == "delivery intruder does not own attempt 1 (its owner is owner)"
+    assert ledger.extend_lease(RUN, STEP, 1, "intruder") is None
+    assert step_row(pool)["status"] == "running"
+    done = ledger.apply(
+        CompleteStep(run_id=RUN, step_key=STEP, attempt=1, fence="owner", output="real")
+    )
+    assert done.run_status == "completed"
+    assert step_row(pool)["output"] == "real"
+    with pool.connection() as conn:
+        assert verify(conn).ok

@@ -33,6 +33,7 @@ from executor.commands.models import (
     BackoffPolicy,
     CreateRun,
     PauseRun,
+    ResumeRun,
     StartRun,
     StartStep,
     parse_obj,
@@ -154,6 +155,8 @@ def test_a_lost_answer_to_a_planning_start_run_runs_its_first_step(
     last = runner.run_started("r2", outcome, fence="d2", continue_for=60)
     assert last.run_status == "completed", last.summary()
     assert calls == [("r2", "first", 1), ("r2", "second", 1)]
+    (owned,) = owner_drops(db_url)
+    assert "delivery d2 still owns first attempt 1" in owned
     assert_verified(db_url)
 
 
@@ -182,8 +185,14 @@ def test_a_lost_answer_to_a_completion_that_continued_runs_the_continued_step(
     assert firing.committed
     assert calls == [("r3", "first", 1), ("r3", "second", 1)]
     assert steps(db_url, "r3") == {"first": ("completed", 1), "second": ("completed", 1)}
+    (owned,) = owner_drops(db_url)
+    assert "delivery d3 still owns second attempt 1" in owned
     # A paused run lets started steps finish; it completes once resumed.
     assert last.run_status == ("paused" if pause_in_between else "completed"), last.summary()
+    if pause_in_between:
+        resumed = ledger.apply(ResumeRun(run_id="r3", idempotency_key="resume"))
+        assert resumed.run_status == "completed", resumed.summary()
+    assert run_status(db_url, "r3") == "completed"
     assert_verified(db_url)
 
 

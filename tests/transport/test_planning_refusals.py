@@ -4,12 +4,16 @@ and commands submitted through `Client.submit` while Redis loses them."""
 
 from __future__ import annotations
 
+import json
+
 import psycopg
 import pytest
 import redis as redis_lib
 
+from executor.cli.main import main
 from executor.client import Client
-from executor.commands.models import CancelRun, PauseRun, ResumeRun
+from executor.commands.models import CancelRun, PauseRun, ResumeRun, wire
+from executor.errors import ConcurrencyKeyTaken
 
 from .conftest import FAST, Workers, assert_verified, rows, wait_for
 
@@ -68,11 +72,21 @@ def test_a_run_of_a_workflow_no_worker_knows_waits_pending_and_starts_once_one_d
     assert_verified(db_url)
 
 
+@pytest.mark.parametrize("via", ["client", "cli"])
 def test_submitted_resume_and_cancel_survive_a_flushed_redis(
-    workers: Workers, client: Client, redis: redis_lib.Redis, db_url: str
+    workers: Workers,
+    client: Client,
+    redis: redis_lib.Redis,
+    db_url: str,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    via: str,
 ) -> None:
-    """`Client.submit` commits the command to the outbox before pushing it: with no worker
-    alive and the test's Redis db flushed, the relay of the next worker still delivers it."""
+    """`Client.submit` and `executor submit --command` commit the command to the outbox
+    before pushing it: with no worker alive and the test's Redis db flushed, the relay of
+    the next worker still delivers it. The CLI variant sends the event with `executor send`."""
+    monkeypatch.setenv("EXECUTOR_DATABASE_URL", db_url)
+    monkeypatch.setenv("EXECUTOR_REDIS_URL", redis_url)
     first = workers.start()
     workers.wait_registered(redis, 1)
     held, doomed = client.start_run("t_gate"), client.start_run("t_gate")
@@ -89,8 +103,11 @@ def test_submitted_resume_and_cancel_survive_a_flushed_redis(
 
     resume = ResumeRun(run_id=held, idempotency_key="resume-1")
     cancel = CancelRun(run_id=doomed, reason="no longer needed", idempotency_key="cancel-1")
-    client.submit(resume)
-    client.submit(cancel)
+    for command in (resume, cancel):
+        if via == "cli":
+            assert main(["submit", "--command", json.dumps(wire(command))]) == 0
+        else:
+            client.submit(command)
     assert redis.keys("rq:job:*"), "the submitted jobs never reached Redis"
     redis.flushdb()
     outbox = rows(db_url, "SELECT idempotency_key FROM executor.outbox ORDER BY outbox_id")
@@ -114,6 +131,39 @@ def test_submitted_resume_and_cancel_survive_a_flushed_redis(
         {"idempotency_key": "resume-1", "outcome": "applied"},
     ]
     assert rows(db_url, "SELECT 1 FROM executor.outbox WHERE idempotency_key LIKE '%%-1'") == []
-    assert client.send_event(held, "open", "yes", idempotency_key="open-1").applied
+    if via == "cli":
+        sent = ["send", held, "open", "--payload", '"yes"', "--idempotency-key", "open-1"]
+        assert main(sent) == 0
+        assert main(sent) == 1  # the same key again: a duplicate, applied once
+    else:
+        assert client.send_event(held, "open", "yes", idempotency_key="open-1").applied
     assert client.wait(held, timeout=30).output == {"through": "yes"}
+    assert_verified(db_url)
+
+
+def test_a_launch_refused_by_a_held_key_starts_when_retried_after_the_holder_completes(
+    workers: Workers, client: Client, redis: redis_lib.Redis, db_url: str
+) -> None:
+    workers.start()
+    workers.wait_registered(redis, 1)
+    holder = client.start_run("t_gate", {}, concurrency_key="acct-7", idempotency_key="holder")
+    # While the key is held, every retry with the same idempotency key names the holder.
+    for _ in range(2):
+        with pytest.raises(ConcurrencyKeyTaken) as refused:
+            client.start_run("t_gate", {}, concurrency_key="acct-7", idempotency_key="launch")
+        assert refused.value.holder_run_id == holder
+    assert client.send_event(holder, "open", "go", idempotency_key="open-holder").applied
+    assert client.wait(holder, timeout=30).status == "completed", workers.output()
+    # The key was never burned: the same call now starts the run, and again returns it.
+    second = client.start_run("t_gate", {}, concurrency_key="acct-7", idempotency_key="launch")
+    assert second != holder
+    again = client.start_run("t_gate", {}, concurrency_key="acct-7", idempotency_key="launch")
+    assert again == second
+    assert client.send_event(second, "open", "go", idempotency_key="open-second").applied
+    assert client.wait(second, timeout=30).status == "completed", workers.output()
+    refusals = rows(
+        db_url,
+        "SELECT reason FROM executor.drops WHERE idempotency_key = 'launch' ORDER BY drop_id",
+    )
+    assert [r["reason"] for r in refusals] == ["key_taken", "key_taken", "duplicate"]
     assert_verified(db_url)
