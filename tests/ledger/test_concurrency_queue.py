@@ -9,6 +9,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import psycopg
 import pytest
 
 from executor.cli.main import main
@@ -225,3 +226,17 @@ def test_thirty_two_threads_never_exceed_the_limit_and_admit_in_launch_order(
         ]
     assert sorted(queued_in) == sorted(launched_order)
     assert_verified(pool)
+
+
+def test_the_index_not_the_handler_refuses_a_second_holder_of_a_slot(pool: Pool) -> None:
+    """A writer that bypasses the handler still cannot put two runs in one slot of a key."""
+    ledger = Ledger(pool)
+    assert launch(ledger, "holder") == "pending"
+    with pool.connection() as conn, pytest.raises(psycopg.errors.UniqueViolation) as refused:
+        conn.execute(
+            "INSERT INTO executor.runs (run_id, workflow, status, concurrency_key,"
+            " concurrency_slot, last_seq)"
+            " SELECT 'intruder', 'wf', 'pending', concurrency_key, concurrency_slot, 0"
+            " FROM executor.runs WHERE run_id = 'holder'"
+        )
+    assert refused.value.diag.constraint_name == "runs_concurrency_slot"
