@@ -3,6 +3,7 @@
 A workflow's graph is static, so each width gets its own: `bench_width_<W>` is
 root -> W parallel no-op steps -> join. `bench_retry` fails its only step once and retries it
 after a fixed 50 ms backoff, to time the gap between an attempt's end and the next start.
+`bench_sleep` is one durable sleep, to time how late its timer fires.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from executor.workflows.definition import StepContext, Workflow
 
 WIDTHS = (10, 100, 400, 1000, 10_000)
 RETRY_BACKOFF_S = 0.05
+SLEEP_S = 0.2
 
 
 def width_workflow_name(width: int) -> str:
@@ -54,3 +56,7 @@ def flaky(ctx: StepContext) -> dict[str, int]:
     if ctx.attempt == 1:
         raise FirstAttemptFails("attempt 1 fails on purpose")
     return {"attempt": ctx.attempt}
+
+
+sleeper = Workflow("bench_sleep", max_attempts=1)
+sleeper.sleep("nap", seconds=SLEEP_S)

@@ -12,17 +12,12 @@ import socket
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-
-with warnings.catch_warnings():
-    # Starlette 1.x prefers the `httpx2` fork for its TestClient and warns about `httpx`.
-    warnings.filterwarnings("ignore", message=".*httpx2", category=UserWarning)
-    from starlette.testclient import TestClient
+from support.web import TestClient
 
 from executor.client import Client
 from executor.commands.models import (

@@ -4,6 +4,7 @@ a child run, and what killing every worker or flushing Redis does to them (nothi
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 from typing import Any
 
@@ -11,9 +12,12 @@ import psycopg
 import pytest
 import redis as redis_lib
 from psycopg.rows import dict_row
+from support.web import TestClient
 
 from executor.client import Client
 from executor.commands.models import CancelRun
+from executor.dashboard.app import create_app
+from executor.dashboard.settings import DashboardSettings
 
 from .conftest import Workers, assert_verified, rows, wait_for
 
@@ -201,4 +205,43 @@ def test_cancelling_a_parent_mid_flight_cancels_its_child_whose_report_is_then_t
         "after_kid": "cancelled",
     }
     assert drops(db_url, child, "cancel_run") == []  # the cancel applied once
+    assert_verified(db_url)
+
+
+def test_a_hook_url_used_twice_and_a_forged_one_while_a_real_worker_runs_the_run(
+    workers: Workers, client: Client, redis: redis_lib.Redis, db_url: str, redis_url: str
+) -> None:
+    """A third party posts to the run's hook URL through the dashboard app: a forged token
+    is a 404 that changes nothing, the real one applies once (the redelivery is a
+    duplicate), and the worker process finishes the run with the payload."""
+    workers.start()
+    workers.wait_registered(redis, 1)
+    run_id = client.start_run("t_gate", {})
+    wait_for(
+        lambda: step(db_url, run_id, "gate").get("status") == "waiting",
+        timeout=30,
+        what="the run to wait at its gate",
+        context=workers.output,
+    )
+    base = "http://dashboard.example"
+    path = client.hook_url(run_id, "open", base_url=base).removeprefix(base)
+    forged = path[:-6] + ("AAAAAA" if not path.endswith("AAAAAA") else "BBBBBB")
+    settings = DashboardSettings(
+        database_url=db_url,
+        redis_url=redis_url,
+        viewer_tokens=(secrets.token_urlsafe(24),),
+        operator_tokens=(secrets.token_urlsafe(24),),
+    )
+    with TestClient(create_app(settings, backend=client), base_url="http://127.0.0.1") as web:
+        refused = web.post(forged, json={"by": "mallory"})
+        assert refused.status_code == 404, refused.text
+        assert step(db_url, run_id, "gate")["status"] == "waiting"
+        first = web.post(path, json={"by": "acme"})
+        assert (first.status_code, first.json()["outcome"]) == (200, "applied"), first.text
+        again = web.post(path, json={"by": "acme"})
+        assert (again.status_code, again.json()["outcome"]) == (200, "duplicate"), again.text
+    view = client.wait(run_id, timeout=30)
+    assert view.status == "completed", workers.output()
+    assert view.output == {"through": {"by": "acme"}}
+    assert drops(db_url, run_id, "send_event") == ["duplicate"]
     assert_verified(db_url)
