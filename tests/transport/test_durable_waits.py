@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -244,4 +245,35 @@ def test_a_hook_url_used_twice_and_a_forged_one_while_a_real_worker_runs_the_run
     assert view.status == "completed", workers.output()
     assert view.output == {"through": {"by": "acme"}}
     assert drops(db_url, run_id, "send_event") == ["duplicate"]
+    assert_verified(db_url)
+
+
+def test_a_sleep_until_a_computed_time_then_a_wait_whose_timeout_fails_the_run(
+    workers: Workers, client: Client, redis: redis_lib.Redis, db_url: str
+) -> None:
+    workers.start()
+    workers.wait_registered(redis, 1)
+    wake = datetime.now(UTC) + timedelta(seconds=1)
+    run_id = client.start_run("t_deadline", {"until": wake.isoformat()})
+    view = client.wait(run_id, timeout=30)
+    assert view.status == "failed", workers.output()
+    [slept] = rows(
+        db_url,
+        "SELECT (payload->>'wake_at')::timestamptz AS wake_at,"
+        " (SELECT created_at FROM executor.events AS c WHERE c.run_id = e.run_id"
+        "   AND c.type = 'step_completed' AND c.step_key = 'until') AS fired"
+        " FROM executor.events AS e"
+        " WHERE run_id = %s AND type = 'step_sleeping' AND step_key = 'until'",
+        run_id,
+    )
+    assert slept["wake_at"] == wake  # the time the step computed from its input
+    assert slept["fired"] >= slept["wake_at"]  # never early, on the database clock
+    reply = step(db_url, run_id, "reply")
+    assert (reply["status"], reply["attempt"]) == ("failed", 1)
+    [error] = rows(
+        db_url,
+        "SELECT error FROM executor.steps WHERE run_id = %s AND step_key = 'reply'",
+        run_id,
+    )
+    assert error["error"]["type"] == "WaitTimeout"
     assert_verified(db_url)

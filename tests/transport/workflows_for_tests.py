@@ -7,6 +7,7 @@ the way an at-least-once producer (a retried enqueue, a relay racing a caller) w
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import Any
 
 from executor.commands.models import BackoffPolicy
@@ -168,3 +169,13 @@ kid = parent.child("kid", workflow="t_gate", input={})
 @parent.step(depends_on=[kid])
 def after_kid(ctx: StepContext) -> Any:
     return ctx.upstream["kid"]
+
+
+# A sleep until a time the step computes from its input, then a wait nobody answers: the
+# wait's timeout fails the run (one attempt).
+deadline = Workflow("t_deadline", max_attempts=1)
+until = deadline.sleep(
+    "until",
+    until=lambda ctx: datetime.fromisoformat(str(ctx.input["until"])),
+)
+deadline.wait_for("reply", event="reply", timeout=0.5, depends_on=[until])
