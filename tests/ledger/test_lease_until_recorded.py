@@ -64,22 +64,28 @@ def test_a_report_blocked_behind_the_run_lock_keeps_its_lease(pool: Pool, db_url
         )
     )
     worker.start()
-    with psycopg.connect(db_url, row_factory=dict_row) as holder:
+    # The holder only holds the lock; the observer reads in autocommit, since a transaction
+    # sees pg_stat_activity as it was at its first read.
+    with (
+        psycopg.connect(db_url, row_factory=dict_row) as holder,
+        psycopg.connect(db_url, row_factory=dict_row, autocommit=True) as observer,
+    ):
         assert returned.wait(10)
         holder.execute("SELECT 1 FROM executor.runs WHERE run_id = 'slow' FOR UPDATE")
         lock_held.set()
 
         def blocked() -> bool:
-            row = holder.execute(
+            row = observer.execute(
                 "SELECT count(*) AS n FROM pg_stat_activity"
-                " WHERE wait_event_type = 'Lock' AND query LIKE '%%lock_for_command%%'"
+                " WHERE %s = ANY(pg_blocking_pids(pid)) AND query LIKE '%%lock_for_command%%'",
+                (holder.info.backend_pid,),
             ).fetchone()
             return row is not None and row["n"] > 0
 
         _wait_for("the report to block on the run lock", blocked)
 
         def lease() -> datetime:
-            row = holder.execute(
+            row = observer.execute(
                 "SELECT lease_expires_at FROM executor.steps"
                 " WHERE run_id = 'slow' AND step_key = 'only'"
             ).fetchone()
@@ -90,7 +96,7 @@ def test_a_report_blocked_behind_the_run_lock_keeps_its_lease(pool: Pool, db_url
         first = lease()
 
         def outlived() -> bool:
-            row = holder.execute("SELECT clock_timestamp() AS now").fetchone()
+            row = observer.execute("SELECT clock_timestamp() AS now").fetchone()
             assert row is not None
             return bool(row["now"] > first)
 
@@ -98,12 +104,13 @@ def test_a_report_blocked_behind_the_run_lock_keeps_its_lease(pool: Pool, db_url
         # would now be expired, and the reaper's verdict free to fail the attempt.
         _wait_for("the first lease deadline to pass", outlived)
         _wait_for("a heartbeat to extend the lease", lambda: lease() > first)
-        row = holder.execute(
+        row = observer.execute(
             "SELECT lease_expires_at > clock_timestamp() AS held FROM executor.steps"
             " WHERE run_id = 'slow' AND step_key = 'only'"
         ).fetchone()
         assert row is not None
         assert row["held"]
+        assert blocked()  # the report was held back all along
         holder.rollback()
     worker.join(10)
     assert not worker.is_alive()
