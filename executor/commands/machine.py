@@ -4,6 +4,8 @@ Pure: no I/O of its own and no clock of its own (the handler passes the database
 and a `RowSource` for the few rows a decision may pull in), so the same function decides for
 the handler and runs in unit tests against dicts. A delivery that must not change anything
 raises `Drop` with one of the contract's reasons; nothing it wrote in memory is kept.
+What ends a wait is decided in `wakes`, the attempt and owner checks are in `guards`, and
+what a step's progress changes in `progress`; `decide` is the one entry point to all of it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from executor.commands import progress as p
+from executor.commands.guards import attempt_step, get_step
 from executor.commands.models import (
     AwaitChild,
     AwaitEvent,
@@ -34,7 +37,14 @@ from executor.commands.models import (
     unplanned_start,
 )
 from executor.commands.state import RUN_TERMINAL, STEP_TERMINAL, RunRow, StepRow
-from executor.commands.transition import Buffered, Drop, FollowUp, OtherRun, RowSource, Transition
+from executor.commands.transition import Drop, FollowUp, OtherRun, RowSource, Transition
+from executor.commands.wakes import (
+    child_finished,
+    child_run_id,
+    fire_due_timers,
+    send_event,
+    wake,
+)
 from executor.errors import ConcurrencyKeyTaken, ConcurrencyLimitConflict
 
 __all__ = ["Drop", "Transition", "child_run_id", "decide"]
@@ -77,15 +87,15 @@ def decide(
     elif isinstance(command, DispatchStep):
         _dispatch(t, command)
     elif isinstance(command, StartStep):
-        step = _attempt_step(t, command.step_key, command.attempt, "queued")
+        step = attempt_step(t, command.step_key, command.attempt, "queued")
         p.start(t, step)
     elif isinstance(command, CompleteStep):
-        step = _attempt_step(t, command.step_key, command.attempt, "running", command.fence)
+        step = attempt_step(t, command.step_key, command.attempt, "running", command.fence)
         p.complete(t, step, command.output, fence=command.fence)
         if command.continue_on is not None:
             p.continue_inline(t, command.continue_on, also=command.continue_with)
     elif isinstance(command, FailStep):
-        step = _attempt_step(t, command.step_key, command.attempt, "running", command.fence)
+        step = attempt_step(t, command.step_key, command.attempt, "running", command.fence)
         error = {
             "message": command.error,
             "type": command.error_type,
@@ -95,13 +105,13 @@ def decide(
     elif isinstance(command, SuspendStep):
         _suspend(t, command)
     elif isinstance(command, WakeStep):
-        _wake(t, command)
+        wake(t, command)
     elif isinstance(command, ChildFinished):
-        _child_finished(t, command)
+        child_finished(t, command)
     elif isinstance(command, SendEvent):
-        _send_event(t, command)
+        send_event(t, command)
     elif isinstance(command, ExpireLease):
-        step = _attempt_step(t, command.step_key, command.attempt, "running")
+        step = attempt_step(t, command.step_key, command.attempt, "running")
         if step.lease_expires_at is not None and step.lease_expires_at > now:
             raise Drop(
                 "invalid_transition",
@@ -254,48 +264,8 @@ def _cancel_run(t: Transition, command: CancelRun) -> None:
     p.run_ended(t)
 
 
-def _get_step(t: Transition, step_key: str) -> StepRow:
-    step = t.step(step_key)
-    if step is None:
-        raise Drop("unknown_entity", f"run {t.run.run_id} has no step {step_key!r}")
-    return step
-
-
-def _attempt_step(
-    t: Transition, step_key: str, attempt: int, expected: str, fence: str | None = None
-) -> StepRow:
-    """Fence a step command by attempt and owner; terminal and stale checks come first."""
-    step = _get_step(t, step_key)
-    if step.status in STEP_TERMINAL:
-        raise Drop("terminal", f"step {step_key} is {step.status} (attempt {step.attempt})")
-    if t.run.status in RUN_TERMINAL:
-        raise Drop("terminal", f"run is {t.run.status}")
-    if attempt < step.attempt:
-        raise Drop("stale_attempt", f"attempt {attempt} superseded by attempt {step.attempt}")
-    if attempt > step.attempt:
-        raise Drop(
-            "invalid_transition",
-            f"attempt {attempt} was never dispatched (current attempt {step.attempt})",
-        )
-    if step.status == "retrying":
-        # The attempt already ended (failed, or its lease expired); the next one is only
-        # waiting out its backoff, so this is a superseded attempt's late command (I6).
-        raise Drop("stale_attempt", f"attempt {attempt} already ended; a retry is scheduled")
-    if fence is not None and step.fence is not None and step.fence != fence:
-        raise Drop(
-            "stale_attempt",
-            f"delivery {fence} does not own attempt {attempt} (its owner is {step.fence})",
-        )
-    if step.status != expected:
-        raise Drop(
-            "invalid_transition",
-            f"step {step_key} attempt {attempt} is {step.status}, not {expected}",
-        )
-    return step
-
-
 def _dispatch(t: Transition, command: DispatchStep) -> None:
-    step = _get_step(t, command.step_key)
+    step = get_step(t, command.step_key)
     if step.status in STEP_TERMINAL:
         raise Drop("terminal", f"step {step.step_key} is {step.status}")
     if command.attempt <= step.attempt and step.status != "retrying":
@@ -327,7 +297,7 @@ def _dispatch(t: Transition, command: DispatchStep) -> None:
 
 
 def _manual_retry(t: Transition, command: RetryStep) -> None:
-    step = _get_step(t, command.step_key)
+    step = get_step(t, command.step_key)
     if t.run.status == "cancelled":
         raise Drop("terminal", "run is cancelled")
     if step.status in ("completed", "cancelled"):
@@ -352,16 +322,7 @@ def _manual_retry(t: Transition, command: RetryStep) -> None:
     p.queue(t, step, manual=True, requested_by=command.requested_by)
     p.resume_work(t)
     if reopening:
-        _fire_due_timers(t)
-
-
-def _fire_due_timers(t: Transition) -> None:
-    """A reopened run's timers that came due while it was failed fire now: a wake that
-    reached the failed run was refused as `terminal` and spent its key for good."""
-    for row in sorted(t.source.unfinished(), key=lambda s: s.step_key):
-        step = t.steps.setdefault(row.step_key, row)
-        if step.status in ("sleeping", "waiting") and step.wake_at and step.wake_at <= t.now:
-            _fire(t, step)
+        fire_due_timers(t)
 
 
 def _reclaim_slot(t: Transition) -> None:
@@ -378,13 +339,8 @@ def _reclaim_slot(t: Transition) -> None:
     t.run.concurrency_slot = slot
 
 
-def child_run_id(run_id: str, step_key: str, attempt: int) -> str:
-    """The child a step's attempt starts: derived, so a redelivery can never start two."""
-    return f"{run_id}.{step_key.replace('[', '.').replace(']', '')}.{attempt}"
-
-
 def _suspend(t: Transition, command: SuspendStep) -> None:
-    step = _attempt_step(t, command.step_key, command.attempt, "running", command.fence)
+    step = attempt_step(t, command.step_key, command.attempt, "running", command.fence)
     until = command.until
     step.lease_expires_at = None
     if isinstance(until, AwaitEvent):
@@ -441,88 +397,3 @@ def _start_child(t: Transition, step: StepRow, command: SuspendStep, until: Awai
         )
     )
     t.followups.extend(child.followups)
-
-
-def _wake(t: Transition, command: WakeStep) -> None:
-    step = _get_step(t, command.step_key)
-    if step.status in STEP_TERMINAL:
-        raise Drop("terminal", f"step {step.step_key} is {step.status}")
-    if command.attempt != step.attempt or step.status not in ("sleeping", "waiting"):
-        raise Drop(
-            "stale_attempt" if command.attempt < step.attempt else "invalid_transition",
-            f"step {step.step_key} is {step.status} at attempt {step.attempt}; no timer of "
-            f"attempt {command.attempt} is set",
-        )
-    if step.wake_at is None:
-        raise Drop("invalid_transition", f"step {step.step_key} waits without a timeout")
-    # Before the run's state, as for a dispatch: a failed run may reopen before the timer.
-    if step.wake_at > t.now:
-        raise Drop(
-            "not_due",
-            f"timer of attempt {step.attempt} is due at {step.wake_at.isoformat()}",
-            resend=FollowUp("default", command, not_before=step.wake_at),
-        )
-    if t.run.status in RUN_TERMINAL:
-        raise Drop("terminal", f"run is {t.run.status}")
-    if t.run.status == "paused":
-        raise Drop("paused", "run is paused; its timers fire once it is resumed")
-    _fire(t, step)
-
-
-def _fire(t: Transition, step: StepRow) -> None:
-    """A due timer: a sleep completes, a wait times out (retrying while attempts are left)."""
-    if step.status == "sleeping":
-        p.complete(t, step, None)
-    else:
-        error = {
-            "message": f"timed out waiting for event {step.event_name!r}",
-            "type": "WaitTimeout",
-        }
-        p.fail_attempt(t, step, error, retryable=True)
-
-
-def _child_finished(t: Transition, command: ChildFinished) -> None:
-    step = _get_step(t, command.step_key)
-    if step.status in STEP_TERMINAL:
-        raise Drop("terminal", f"step {step.step_key} is {step.status}")
-    if t.run.status in RUN_TERMINAL:
-        raise Drop("terminal", f"run is {t.run.status}")
-    if (
-        command.attempt != step.attempt
-        or step.status != "waiting"
-        or step.child_run_id != command.child_run_id
-    ):
-        raise Drop(
-            "stale_attempt" if command.attempt < step.attempt else "invalid_transition",
-            f"step {step.step_key} attempt {step.attempt} is {step.status}, not waiting for "
-            f"child {command.child_run_id}",
-        )
-    if command.status == "completed":
-        p.complete(t, step, command.output, child_run_id=command.child_run_id)
-        return
-    error = {
-        "message": f"child run {command.child_run_id} {command.status}",
-        "type": "ChildRunFailed" if command.status == "failed" else "ChildRunCancelled",
-        "child_error": command.error,
-    }
-    p.fail_attempt(
-        t, step, error, retryable=command.status == "failed", child_run_id=command.child_run_id
-    )
-
-
-def _send_event(t: Transition, command: SendEvent) -> None:
-    if t.run.status in RUN_TERMINAL:
-        raise Drop("terminal", f"run is {t.run.status}")
-    waiting = sorted(t.source.waiting_for(command.event), key=lambda s: s.step_key)
-    if not waiting:
-        index = t.emit(
-            "event_received", event=command.event, payload=command.payload, buffered=True
-        )
-        t.buffered.append(Buffered(command.event, command.payload, index))
-        return
-    step = t.steps.setdefault(waiting[0].step_key, waiting[0])
-    index = t.emit(
-        "event_received", event=command.event, payload=command.payload, consumed_by=step.step_key
-    )
-    t.buffered.append(Buffered(command.event, command.payload, index, consumed_by=step.step_key))
-    p.complete(t, step, command.payload, event=command.event)
