@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -172,26 +172,33 @@ def _rq_single_jobs(redis_url: str, workers: int, count: int) -> dict[str, float
     return _dist(samples)
 
 
-def _retries(client: Any) -> dict[str, Any]:
+def _gaps(client: Any, run_ids: Iterable[str], sql: str) -> tuple[list[float], int]:
+    """Each run's gap `s` (seconds) read by `sql` once it ended, and how many were `early`.
+    `run_ids` may be lazy: a generator starts each run only after the last one ended."""
     gaps: list[float] = []
     early = 0
-    for _ in range(RETRY_RUNS):
-        run_id = client.start_run("bench_retry", None)
+    for run_id in run_ids:
         _await_run(client, run_id, timeout=120)
         with client.pool.connection() as conn:
-            row = conn.execute(
-                "SELECT extract(epoch FROM "
-                "min(created_at) FILTER (WHERE type = 'step_started' AND attempt = 2) - "
-                "min(created_at) FILTER (WHERE type = 'step_retrying' AND attempt = 1)) AS s, "
-                "min(created_at) FILTER (WHERE type = 'step_started' AND attempt = 2) < "
-                "min((payload->>'next_attempt_at')::timestamptz) "
-                "FILTER (WHERE type = 'step_retrying' AND attempt = 1) AS early "
-                "FROM executor.events WHERE run_id = %s",
-                (run_id,),
-            ).fetchone()
+            row = conn.execute(sql, (run_id,)).fetchone()
         if row["s"] is not None:
             gaps.append(float(row["s"]))
             early += bool(row["early"])
+    return gaps, early
+
+
+def _retries(client: Any) -> dict[str, Any]:
+    gaps, early = _gaps(
+        client,
+        (client.start_run("bench_retry", None) for _ in range(RETRY_RUNS)),
+        "SELECT extract(epoch FROM "
+        "min(created_at) FILTER (WHERE type = 'step_started' AND attempt = 2) - "
+        "min(created_at) FILTER (WHERE type = 'step_retrying' AND attempt = 1)) AS s, "
+        "min(created_at) FILTER (WHERE type = 'step_started' AND attempt = 2) < "
+        "min((payload->>'next_attempt_at')::timestamptz) "
+        "FILTER (WHERE type = 'step_retrying' AND attempt = 1) AS early "
+        "FROM executor.events WHERE run_id = %s",
+    )
     return {
         "runs": len(gaps),
         "backoff_ms": RETRY_BACKOFF_S * 1000,
@@ -203,22 +210,14 @@ def _retries(client: Any) -> dict[str, Any]:
 
 def _timers(client: Any) -> dict[str, Any]:
     """Runs started together, so their timers fall due at different points of the sweep."""
-    run_ids = [client.start_run("bench_sleep", None) for _ in range(TIMER_RUNS)]
-    late: list[float] = []
-    early = 0
-    for run_id in run_ids:
-        _await_run(client, run_id, timeout=120)
-        with client.pool.connection() as conn:
-            row = conn.execute(
-                "SELECT extract(epoch FROM "
-                "min(created_at) FILTER (WHERE type = 'step_completed' AND step_key = 'nap') - "
-                "min((payload->>'wake_at')::timestamptz) FILTER (WHERE type = 'step_sleeping'))"
-                " AS s FROM executor.events WHERE run_id = %s",
-                (run_id,),
-            ).fetchone()
-        if row["s"] is not None:
-            late.append(float(row["s"]))
-            early += float(row["s"]) < 0
+    late, early = _gaps(
+        client,
+        [client.start_run("bench_sleep", None) for _ in range(TIMER_RUNS)],
+        "SELECT s, s < 0 AS early FROM (SELECT extract(epoch FROM "
+        "min(created_at) FILTER (WHERE type = 'step_completed' AND step_key = 'nap') - "
+        "min((payload->>'wake_at')::timestamptz) FILTER (WHERE type = 'step_sleeping'))"
+        " AS s FROM executor.events WHERE run_id = %s) AS g",
+    )
     return {
         "runs": len(late),
         "sleep_ms": SLEEP_S * 1000,
