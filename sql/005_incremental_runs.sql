@@ -212,7 +212,8 @@ BEGIN
     FROM executor.receipts WHERE idempotency_key = p_key;
     IF v_outcome IS NOT NULL THEN
         IF p_fence IS NOT NULL AND v_run IS NOT NULL THEN
-            SELECT to_jsonb(s) - 'depends_on' || jsonb_build_object('ctid', s.ctid::text)
+            SELECT to_jsonb(s) - 'depends_on' || jsonb_build_object(
+                'ctid', s.ctid::text, 'upstreams', cardinality(s.depends_on))
             INTO v_owned FROM executor.steps AS s
             WHERE s.run_id = p_run_id AND s.status = 'running' AND s.fence = p_fence
             LIMIT 1;
@@ -230,14 +231,17 @@ BEGIN
         END IF;
         FOR v_one IN SELECT DISTINCT k FROM unnest(v_keys) AS k WHERE k IS NOT NULL ORDER BY k
         LOOP
-            -- Every column but depends_on, which may be long (a join of thousands) and is
-            -- only needed for a started step's upstream outputs, read then by key.
+            -- Every column, but depends_on only when short: a join's may be thousands of
+            -- keys, locked by each of its upstream steps' completions. Its length always.
             SELECT to_jsonb(r) INTO v_row FROM (
                 SELECT x.step_key, x.status, x.attempt, x.max_attempts, x.queue,
                        x.timeout_seconds, x.backoff, x.output, x.error, x.lease_expires_at,
                        x.next_attempt_at, x.kind, x.dependants, x.waiting_on, x.map_over,
                        x.parent_step, x.item_index, x.item, x.items_total, x.items_done,
-                       x.fence, x.wake_at, x.event_name, x.child_run_id, x.ctid::text AS ctid
+                       x.fence, x.wake_at, x.event_name, x.child_run_id,
+                       CASE WHEN cardinality(x.depends_on) <= 64 THEN x.depends_on END
+                           AS depends_on,
+                       cardinality(x.depends_on) AS upstreams, x.ctid::text AS ctid
                 FROM executor.steps AS x
                 WHERE x.run_id = p_run_id AND x.step_key = v_one
                 FOR UPDATE OF x

@@ -76,6 +76,8 @@ class StepRow:
     attempt: int
     max_attempts: int
     depends_on: tuple[str, ...]
+    """Empty on a locked row whose list is long (a join's may be thousands of keys): the
+    handler leaves it out. `upstreams` is its length either way; see `depends_known`."""
     queue: str
     timeout_seconds: float | None
     backoff: dict[str, Any]
@@ -96,10 +98,19 @@ class StepRow:
     wake_at: datetime | None = None
     event_name: str | None = None
     child_run_id: str | None = None
+    upstreams: int = field(default=0, compare=False)
     ctid: str | None = field(default=None, compare=False)
     """Where the locked row version is: the handler updates it by that, not by key."""
     dirty: bool = field(default=False, compare=False)
     new: bool = field(default=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.upstreams:
+            self.upstreams = len(self.depends_on)
+
+    @property
+    def depends_known(self) -> bool:
+        return len(self.depends_on) == self.upstreams
 
 
 @dataclass(frozen=True)

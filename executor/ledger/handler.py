@@ -378,9 +378,8 @@ def _upstream(
 ) -> psycopg.Cursor[dict[str, Any]] | None:
     """Outputs of the started step's upstream not already in hand, read in the commit's round
     trip (None: nothing to read). Completed steps never change, so any snapshot would do.
-    A step created by this transaction has its depends_on in hand; any other is read here,
-    since the locked rows leave depends_on out (a join's may be thousands long)."""
-    if step.new:
+    A step whose depends_on was left out of its locked row (a long one) has it read here."""
+    if step.depends_known:
         wanted = [d for d in step.depends_on if t is None or d not in t.steps]
         return conn.execute(q.OUTPUTS, (wanted, run_id)) if wanted else None
     known = [] if t is None else list(t.steps)

@@ -51,12 +51,13 @@ SPEND_OUTBOX = "DELETE FROM executor.outbox WHERE run_id = %s AND idempotency_ke
 
 # --- reads a decision may pull in (RowSource); each locks what it returns -----------------
 
-# Every column a decision reads; not depends_on (a join's may be thousands long), which only
-# a started step's upstream outputs need (UPSTREAM).
+# Every column a decision reads, but depends_on only when short (a join's may be thousands
+# of keys; a started step's upstream is then read by UPSTREAM), as in lock_for_command.
 STEP_COLUMNS = """step_key, status, attempt, max_attempts, queue, timeout_seconds, backoff, output,
     error, lease_expires_at, next_attempt_at, kind, dependants, waiting_on, map_over,
     parent_step, item_index, item, items_total, items_done, fence, wake_at, event_name,
-    child_run_id, ctid::text AS ctid"""
+    child_run_id, CASE WHEN cardinality(depends_on) <= 64 THEN depends_on END AS depends_on,
+    cardinality(depends_on) AS upstreams, ctid::text AS ctid"""
 _STEP = f"SELECT {STEP_COLUMNS} FROM executor.steps WHERE run_id = %s"
 
 # One lookup by the whole primary key per step, in key order: asked for with step_key =

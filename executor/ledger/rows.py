@@ -57,7 +57,7 @@ def step_from_row(row: dict[str, Any]) -> StepRow:
         status=row["status"],
         attempt=row["attempt"],
         max_attempts=row["max_attempts"],
-        depends_on=tuple(row.get("depends_on") or ()),  # left out of locked rows
+        depends_on=tuple(row.get("depends_on") or ()),  # a long one is left out
         queue=row["queue"],
         timeout_seconds=row["timeout_seconds"],
         backoff=row["backoff"],
@@ -78,6 +78,7 @@ def step_from_row(row: dict[str, Any]) -> StepRow:
         wake_at=timestamp(row["wake_at"]),
         event_name=row["event_name"],
         child_run_id=row["child_run_id"],
+        upstreams=row["upstreams"] if "upstreams" in row else len(row["depends_on"]),
         ctid=row.get("ctid"),
     )
 
