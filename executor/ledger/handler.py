@@ -55,6 +55,11 @@ _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_err
 # Commands that may end a step, and so must see its dependants and its map.
 _OUTCOMES = frozenset({"complete_step", "wake_step", "child_finished"})
 
+# Postgres would plan the write anew on every call, at a cost above its execution: its
+# estimate of the generic plan (unknown array and document sizes) loses to each custom one.
+# The generic plan is the same join by key whatever the sizes (checked at W=10,000).
+_GENERIC_PLANS = "SET LOCAL plan_cache_mode = force_generic_plan"
+
 # The unique violations two honest deliveries can race into; anything else is a real fault.
 _RACING_CONSTRAINTS = frozenset(
     {"receipts_pkey", "runs_pkey", "runs_concurrency_slot", "concurrency_keys_pkey"}
@@ -225,6 +230,7 @@ class Ledger:
             try:
                 with conn.pipeline() as pipeline:
                     conn.execute("BEGIN")
+                    conn.execute(_GENERIC_PLANS)
                     pending = self._decide_and_write(conn, pipeline, command)
                     conn.execute("COMMIT")
             except BaseException:
