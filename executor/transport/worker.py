@@ -60,6 +60,7 @@ and reaper every `sweep_interval`; the others stand by to take over when it dies
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -95,6 +96,9 @@ from queue_config import ExecutorSettings, load_settings
 log = logging.getLogger("executor.worker")
 
 ALLOWED_FUNCTIONS = frozenset({DELIVER})
+
+BEAT_AT_MOST_EVERY = 1.0
+"""Seconds between RQ worker heartbeats sent on their own (see heartbeat)."""
 
 
 class WorkerDied(ExecutorError):
@@ -169,6 +173,7 @@ class _ExecutorWorkerMixin(_Base):
         self.leader: Leader | None = None
         self._loop_depth = 0
         self._loop_error: Exception | None = None
+        self._beaten_at = float("-inf")
         kwargs["serializer"] = JSONCommandSerializer
         # Forced like the serializer: rq's CLI passes plain Queue objects (and its default
         # queue class), whose dequeue stops the worker on a malformed entry.
@@ -234,9 +239,20 @@ class _ExecutorWorkerMixin(_Base):
         with self._loop_step():
             super().check_for_suspension(burst)
 
-    def heartbeat(self, *args: Any, **kwargs: Any) -> None:
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """RQ's heartbeat, at most once a second when it would cost round trips of its own.
+
+        RQ beats twice around every dequeue, three commands each, to push an expiry that is
+        minutes away (worker_ttl + 60 s): a quarter of RQ's Redis round trips for a job of
+        ours. A beat with its own timeout (a job's) or in a pipeline is always sent.
+        """
         with self._loop_step():
-            super().heartbeat(*args, **kwargs)
+            now = time.monotonic()
+            if timeout is None and pipeline is None and now - self._beaten_at < BEAT_AT_MOST_EVERY:
+                return
+            super().heartbeat(timeout, pipeline)
+            if timeout is None:
+                self._beaten_at = now
 
     # --- screening ---------------------------------------------------------------------------
 
