@@ -253,6 +253,7 @@ class StepRunner:
         info = outcome.step_context
         last = outcome
         held: list[OutboxItem] = []
+        unpushed: list[OutboxItem] = []
         try:
             while info is not None:
                 if last is not outcome and on_continue is not None:
@@ -268,6 +269,11 @@ class StepRunner:
                 # The lease is kept until the outcome is committed: a report queued behind
                 # the run's lock (a busy map) must not lose to the reaper's verdict.
                 with self._heartbeats.watch(lease.beat, self.heartbeat_interval, lease.lost):
+                    # What the last completion queued is pushed under this attempt's lease:
+                    # ten thousand jobs take seconds, and the lease runs from that commit.
+                    if unpushed:
+                        unpushed, pushing = [], unpushed
+                        self.push(pushing)
                     final = observability.step_attempt(  # observability
                         self.ledger.pool, run_id, info, self._attempt, info, lease, may_continue
                     )
@@ -282,7 +288,7 @@ class StepRunner:
                     # An owner's duplicate: our first try committed unseen; what it started
                     # is ours to run, and the relay pushes what it queued.
                     if ended.applied:
-                        self.push(self._hold(ended.followups, held, run_id, may_continue))
+                        unpushed = self._hold(ended.followups, held, run_id, may_continue)
                     info = ended.step_context if (ended.continued or ended.owner) else None
                     if info is not None and held and held[0].command["step_key"] == info.step_key:
                         held.pop(0)
@@ -299,6 +305,8 @@ class StepRunner:
                     return ended
             return last
         finally:
+            if unpushed:
+                self.push(unpushed)
             self.push(held)  # whatever we did not get to goes to whoever is free
 
     def _hold(
