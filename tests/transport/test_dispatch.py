@@ -24,7 +24,7 @@ from executor.commands.models import CreateRun, StartRun, StartStep, StepSpec
 from executor.ledger.handler import Ledger
 from executor.ledger.outcome import OutboxItem
 from executor.recovery.sweep import SweepReport, sweep
-from executor.transport.dispatch import DELIVER, Dispatcher, job_id_for
+from executor.transport.dispatch import DELIVER, SEARCHED_QUEUE_LENGTH, Dispatcher, job_id_for
 from executor.transport.serializer import JSONCommandSerializer, RefusedPayload
 from queue_config import ExecutorSettings
 
@@ -138,6 +138,41 @@ def test_a_long_started_job_is_replaced_only_when_asked(
     assert dispatcher.ensure_job(item.command, "high") == "present"
     assert dispatcher.ensure_job(item.command, "high", replace_started_after=60) == "replaced"
     assert redis.hget(key, "status") == b"queued"
+
+
+def test_a_queued_job_a_dead_worker_took_off_its_queue_is_replaced(
+    redis: redis_lib.Redis, settings: ExecutorSettings
+) -> None:
+    dispatcher = Dispatcher(redis, settings)
+    item = start_step_item()
+    dispatcher.push([item])
+    queue = Queue("high", connection=redis, serializer=JSONCommandSerializer)
+    job_id = job_id_for(item.idempotency_key)
+    redis.lmove(queue.key, queue.intermediate_queue_key)  # a worker's dequeue, then SIGKILL
+    assert dispatcher.ensure_job(item.command, "high") == "present"  # no re-push asked
+    assert dispatcher.ensure_job(item.command, "high", replace_started_after=60) == "replaced"
+    assert queued_ids(redis, "high") == [job_id]
+    queue.remove(job_id)  # on no list at all, its status still queued
+    assert dispatcher.ensure_job(item.command, "high", replace_started_after=60) == "replaced"
+    assert queued_ids(redis, "high") == [job_id]
+
+
+def test_a_re_push_searches_a_long_queue_for_its_job_only_once_it_is_short(
+    redis: redis_lib.Redis, settings: ExecutorSettings
+) -> None:
+    """A relay pass over a backlog asks about every job in it: bounded, not O(queue)."""
+    dispatcher = Dispatcher(redis, settings)
+    item = start_step_item()
+    dispatcher.push([item])
+    queue = Queue("high", connection=redis, serializer=JSONCommandSerializer)
+    job_id = job_id_for(item.idempotency_key)
+    queue.remove(job_id)
+    filler = [f"filler-{i}" for i in range(SEARCHED_QUEUE_LENGTH + 1)]
+    redis.rpush(queue.key, *filler)
+    assert dispatcher.ensure_job(item.command, "high", replace_started_after=60) == "present"
+    redis.ltrim(queue.key, 0, SEARCHED_QUEUE_LENGTH - 1)
+    assert dispatcher.ensure_job(item.command, "high", replace_started_after=60) == "replaced"
+    assert queued_ids(redis, "high")[-1] == job_id
 
 
 def test_items_not_yet_due_stay_out_of_redis(
