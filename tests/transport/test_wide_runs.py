@@ -90,6 +90,8 @@ def at_scale(
     return view
 
 
+@pytest.mark.huge
+@pytest.mark.timeout(900)  # _finish fails it sooner if it stops making progress
 def test_a_map_of_ten_thousand_items_completes(
     workers: Workers, client: Client, redis: redis_lib.Redis, db_url: str
 ) -> None:
@@ -111,6 +113,8 @@ def test_a_map_of_ten_thousand_items_completes(
     assert_verified(db_url)
 
 
+@pytest.mark.huge
+@pytest.mark.timeout(900)  # _finish fails it sooner if it stops making progress
 def test_a_run_of_ten_thousand_parallel_steps_and_a_join_completes(
     workers: Workers, client: Client, redis: redis_lib.Redis, db_url: str
 ) -> None:
