@@ -272,8 +272,8 @@ class StepRunner:
                     # What the last completion queued is pushed under this attempt's lease:
                     # ten thousand jobs take seconds, and the lease runs from that commit.
                     if unpushed:
-                        unpushed, pushing = [], unpushed
-                        self.push(pushing)
+                        self.push(unpushed)
+                        unpushed = []
                     final = observability.step_attempt(  # observability
                         self.ledger.pool, run_id, info, self._attempt, info, lease, may_continue
                     )

@@ -12,13 +12,13 @@ deadline has passed, and only then lets the report through.
 from __future__ import annotations
 
 import threading
-import time
 from datetime import datetime
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
+from support.waiting import wait_for
 
 from executor.commands.models import CreateRun, StartRun, StartStep
 from executor.ledger.handler import Ledger
@@ -40,16 +40,6 @@ def only(ctx: StepContext) -> str:
     returned.set()
     assert lock_held.wait(10)
     return "done"
-
-
-def _wait_for(what: str, check: Any, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_report_blocked_behind_the_run_lock_keeps_its_lease(pool: Pool, db_url: str) -> None:
@@ -82,7 +72,9 @@ def test_a_report_blocked_behind_the_run_lock_keeps_its_lease(pool: Pool, db_url
             ).fetchone()
             return row is not None and row["n"] > 0
 
-        _wait_for("the report to block on the run lock", blocked)
+        wait_for(
+            timeout=15, interval=0.02, what="the report to block on the run lock", check=blocked
+        )
 
         def lease() -> datetime:
             row = observer.execute(
@@ -102,8 +94,13 @@ def test_a_report_blocked_behind_the_run_lock_keeps_its_lease(pool: Pool, db_url
 
         # Past the deadline the lease had when the report blocked: without a heartbeat it
         # would now be expired, and the reaper's verdict free to fail the attempt.
-        _wait_for("the first lease deadline to pass", outlived)
-        _wait_for("a heartbeat to extend the lease", lambda: lease() > first)
+        wait_for(timeout=15, interval=0.02, what="the first lease deadline to pass", check=outlived)
+        wait_for(
+            timeout=15,
+            interval=0.02,
+            what="a heartbeat to extend the lease",
+            check=lambda: lease() > first,
+        )
         row = observer.execute(
             "SELECT lease_expires_at > clock_timestamp() AS held FROM executor.steps"
             " WHERE run_id = 'slow' AND step_key = 'only'"

@@ -12,7 +12,6 @@ deadline has passed, and only then returns.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
+from support.waiting import wait_for
 
 from executor.commands.models import CreateRun, StartRun, StartStep
 from executor.ledger.handler import Ledger
@@ -49,16 +49,6 @@ def second(ctx: StepContext) -> int:
 @fan.step(depends_on=["first"])
 def third(ctx: StepContext) -> int:
     return 3
-
-
-def _wait_for(what: str, check: Any, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_step_started_in_place_keeps_its_lease_during_a_slow_push(
@@ -100,24 +90,26 @@ def test_a_step_started_in_place_keeps_its_lease_during_a_slow_push(
             assert row is not None
             return row["now"]  # type: ignore[no-any-return]
 
-        _wait_for("the first lease deadline to pass", lambda: now() > first_deadline)
+        wait_for(
+            timeout=15,
+            interval=0.02,
+            what="the first lease deadline to pass",
+            check=lambda: now() > first_deadline,
+        )
         row = started()
         assert row is not None, "the step started in place lost its lease while pushing"
         assert row["step_key"] == in_place["step_key"]
         assert row["lease_expires_at"] > now()
         pushed.set()
-    worker.join(15)
-    assert not worker.is_alive()
-    [item] = queued
-    assert item.command["step_key"] in {"second", "third"} - {in_place["step_key"]}
-    status = observer_status(db_url)
+        worker.join(15)
+        assert not worker.is_alive()
+        [item] = queued
+        assert item.command["step_key"] in {"second", "third"} - {in_place["step_key"]}
+        status = {
+            r["step_key"]: r["status"]
+            for r in observer.execute(
+                "SELECT step_key, status FROM executor.steps WHERE run_id = 'push'"
+            ).fetchall()
+        }
     assert status[in_place["step_key"]] == "completed"
     assert status["first"] == "completed"
-
-
-def observer_status(db_url: str) -> dict[str, str]:
-    with psycopg.connect(db_url, row_factory=dict_row) as conn:
-        rows = conn.execute(
-            "SELECT step_key, status FROM executor.steps WHERE run_id = 'push'"
-        ).fetchall()
-    return {r["step_key"]: r["status"] for r in rows}

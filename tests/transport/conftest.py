@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,25 +122,6 @@ def client(db_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iter
         monkeypatch.setenv(name, value)
     with Client(db_url, redis_url) as opened:
         yield opened
-
-
-def wait_for(
-    check: Callable[[], Any],
-    *,
-    timeout: float,
-    what: str,
-    interval: float = 0.05,
-    context: Callable[[], str] | None = None,
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f"\n{context()}" if context else ""
-            pytest.fail(f"timed out after {timeout}s waiting for {what}{extra}")
-        time.sleep(interval)
 
 
 def rows(database_url: str, sql: str, *params: Any) -> list[dict[str, Any]]:

@@ -140,14 +140,21 @@ def test_a_long_started_job_is_replaced_only_when_asked(
     assert redis.hget(key, "status") == b"queued"
 
 
-def test_a_queued_job_a_dead_worker_took_off_its_queue_is_replaced(
+def one_pushed(
     redis: redis_lib.Redis, settings: ExecutorSettings
-) -> None:
+) -> tuple[Dispatcher, OutboxItem, Queue, str]:
+    """One start pushed to `high`: the dispatcher, the item, its queue and its job id."""
     dispatcher = Dispatcher(redis, settings)
     item = start_step_item()
     dispatcher.push([item])
     queue = Queue("high", connection=redis, serializer=JSONCommandSerializer)
-    job_id = job_id_for(item.idempotency_key)
+    return dispatcher, item, queue, job_id_for(item.idempotency_key)
+
+
+def test_a_queued_job_a_dead_worker_took_off_its_queue_is_replaced(
+    redis: redis_lib.Redis, settings: ExecutorSettings
+) -> None:
+    dispatcher, item, queue, job_id = one_pushed(redis, settings)
     redis.lmove(queue.key, queue.intermediate_queue_key)  # a worker's dequeue, then SIGKILL
     assert dispatcher.ensure_job(item.command, "high") == "present"  # no re-push asked
     assert dispatcher.ensure_job(item.command, "high", replace_started_after=60) == "replaced"
@@ -161,11 +168,7 @@ def test_a_re_push_searches_a_long_queue_for_its_job_only_once_it_is_short(
     redis: redis_lib.Redis, settings: ExecutorSettings
 ) -> None:
     """A relay pass over a backlog asks about every job in it: bounded, not O(queue)."""
-    dispatcher = Dispatcher(redis, settings)
-    item = start_step_item()
-    dispatcher.push([item])
-    queue = Queue("high", connection=redis, serializer=JSONCommandSerializer)
-    job_id = job_id_for(item.idempotency_key)
+    dispatcher, item, queue, job_id = one_pushed(redis, settings)
     queue.remove(job_id)
     filler = [f"filler-{i}" for i in range(SEARCHED_QUEUE_LENGTH + 1)]
     redis.rpush(queue.key, *filler)

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 import redis as redis_lib
 from psycopg.rows import dict_row
+from support.waiting import wait_for
 from support.web import TestClient
 
 from executor.client import Client
@@ -20,7 +21,7 @@ from executor.commands.models import CancelRun
 from executor.dashboard.app import create_app
 from executor.dashboard.settings import DashboardSettings
 
-from .conftest import Workers, assert_verified, rows, wait_for
+from .conftest import Workers, assert_verified, rows
 
 pytestmark = pytest.mark.slow
 

@@ -21,12 +21,13 @@ import pytest
 import redis as redis_lib
 from psycopg.rows import dict_row
 from rq.job import Job
+from support.waiting import wait_for
 
 from executor.client import Client
 from executor.transport.dispatch import DELIVER
 from executor.transport.worker import Rejection, screen_job
 
-from .conftest import Workers, assert_verified, wait_for
+from .conftest import Workers, assert_verified
 
 
 class OpensAFile:

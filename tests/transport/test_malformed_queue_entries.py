@@ -19,6 +19,7 @@ import redis as redis_lib
 from psycopg.rows import dict_row
 from rq.queue import Queue
 from rq.worker import BaseWorker
+from support.waiting import wait_for
 
 from executor.client import Client
 from executor.ledger.handler import Ledger, Pool
@@ -27,7 +28,7 @@ from executor.transport.dispatch import DELIVER
 from executor.transport.entries import MalformedEntry, ScreeningQueue, job_key, printable
 from executor.transport.worker import ExecutorWorker
 
-from .conftest import Workers, assert_verified, wait_for
+from .conftest import Workers, assert_verified
 from .test_malformed_jobs import inject, invalid_drops, job_data
 
 QUEUE = "default"

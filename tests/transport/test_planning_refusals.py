@@ -9,13 +9,14 @@ import json
 import psycopg
 import pytest
 import redis as redis_lib
+from support.waiting import wait_for
 
 from executor.cli.main import main
 from executor.client import Client
 from executor.commands.models import CancelRun, PauseRun, ResumeRun, wire
 from executor.errors import ConcurrencyKeyTaken
 
-from .conftest import FAST, Workers, assert_verified, rows, wait_for
+from .conftest import FAST, Workers, assert_verified, rows
 
 pytestmark = pytest.mark.slow
 

@@ -26,11 +26,12 @@ import pytest
 import redis as redis_lib
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
+from support.waiting import wait_for
 
 from executor.client import Client
 from executor.retention import prune
 
-from .conftest import Workers, assert_verified, wait_for
+from .conftest import Workers, assert_verified
 
 pytestmark = pytest.mark.slow
 

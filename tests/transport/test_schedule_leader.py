@@ -19,12 +19,13 @@ import psycopg
 import pytest
 import redis as redis_lib
 from psycopg.rows import dict_row
+from support.waiting import wait_for
 
 from executor.client import Client
 from executor.schedules.model import tick_key, ticks_between
 from executor.schedules.ticker import STOP_AFTER_START_ENV
 
-from .conftest import Workers, assert_verified, wait_for
+from .conftest import Workers, assert_verified
 
 pytestmark = pytest.mark.slow
 

@@ -20,13 +20,14 @@ import psycopg
 import pytest
 import redis as redis_lib
 from psycopg.rows import dict_row
+from support.waiting import wait_for
 
 from executor.client import Client
 from executor.commands.models import CompleteStep
 from executor.storage import embedded
 from executor.storage.migrate import migrate
 
-from .conftest import Workers, assert_verified, wait_for
+from .conftest import Workers, assert_verified
 from .workflows_for_tests import DuplicatingDispatcher
 
 pytestmark = pytest.mark.slow
