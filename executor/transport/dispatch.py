@@ -41,11 +41,11 @@ from typing import Any
 import psycopg
 import redis
 from psycopg_pool import ConnectionPool
-from rq.exceptions import DuplicateJobError
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 
 from executor.ledger.outcome import OutboxItem
+from executor.transport.enqueue import enqueue
 from executor.transport.serializer import JSONCommandSerializer
 from queue_config import ExecutorSettings
 
@@ -124,26 +124,41 @@ class Dispatcher:
     def push_items(self, items: Sequence[OutboxItem]) -> list[int]:
         """Enqueue each item now (due or not); returns the outbox ids now safely in Redis.
 
-        Stops at the first Redis error: the rest stay in the outbox for the relay.
+        All new jobs go in one round trip (`executor.transport.enqueue`); only the items
+        whose job id exists already are looked at further, again a few round trips for all
+        of them. On a Redis error the items not yet known to be in Redis stay in the
+        outbox for the relay.
         """
-        pushed: list[int] = []
-        for item in items:
-            try:
-                self.ensure_job(
-                    item.command,
-                    item.queue,
-                    step_timeout=item.timeout_seconds,
-                    replace_started_after=self.settings.outbox_grace_seconds,
-                )
-            except redis.RedisError as exc:
-                log.warning(
-                    "could not push %s (%s); %d item(s) left in the outbox for the relay",
-                    item.idempotency_key,
-                    exc,
-                    len(items) - len(pushed),
-                )
-                break
-            pushed.append(item.outbox_id)
+        jobs = [
+            self._job(
+                job_id_for(item.idempotency_key), item.command, item.queue, item.timeout_seconds
+            )
+            for item in items
+        ]
+        try:
+            fresh = enqueue(self.redis, jobs)
+        except redis.RedisError as exc:
+            log.warning(
+                "could not push %d item(s) (%s); left in the outbox for the relay", len(items), exc
+            )
+            return []
+        pushed = [item.outbox_id for item, new in zip(items, fresh, strict=True) if new]
+        taken = [item for item, new in zip(items, fresh, strict=True) if not new]
+        if not taken:
+            return pushed
+        try:
+            ids = [job_id_for(item.idempotency_key) for item in taken]
+            stale = self._stale(ids, self.settings.outbox_grace_seconds)
+            for item, job_id, replace in zip(taken, ids, stale, strict=True):
+                if replace:
+                    self._replace(job_id, item.command, item.queue, item.timeout_seconds)
+                pushed.append(item.outbox_id)
+        except redis.RedisError as exc:
+            log.warning(
+                "could not check %d existing job(s) (%s); left in the outbox for the relay",
+                len(taken),
+                exc,
+            )
         return pushed
 
     def ensure_job(
@@ -160,30 +175,11 @@ class Dispatcher:
         long. Pushes come from outbox rows, and a row is gone once its command is decided, so
         a job started that long ago whose command is still undecided lost its worker.
         """
-        key = str(command["idempotency_key"])
-        job_id = job_id_for(key)
+        job_id = job_id_for(str(command["idempotency_key"]))
         if self._try_enqueue(job_id, command, queue, step_timeout):
             return "enqueued"
-        fields = self.redis.hmget(Job.key_for(job_id), ["status", "started_at", "origin"])
-        status = _text(fields[0])
-        if (
-            status is None
-            or status in _DEAD
-            or (
-                replace_started_after is not None
-                and (
-                    (
-                        status == JobStatus.STARTED.value
-                        and _older_than(_text(fields[1]), replace_started_after)
-                    )
-                    or (status == JobStatus.QUEUED.value and self._off_queue(job_id, fields[2]))
-                )
-            )
-        ):
-            self._delete_job(job_id)
-            if self._try_enqueue(job_id, command, queue, step_timeout):
-                log.info("replaced %s job %s for %s", status or "broken", job_id, key)
-                return "replaced"
+        if self._stale([job_id], replace_started_after)[0]:
+            return self._replace(job_id, command, queue, step_timeout)
         return "present"
 
     def backlogged(self, queue: str) -> bool:
@@ -205,9 +201,32 @@ class Dispatcher:
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _off_queue(self, job_id: str, origin: bytes | str | None) -> bool:
-        """A job RQ still calls queued but that is on no queue: a worker took it off (into
-        its intermediate queue) and died before marking it started.
+    def _stale(self, job_ids: Sequence[str], replace_started_after: float | None) -> list[bool]:
+        """Which of these existing job ids carry a job that will never apply its command:
+        gone, failed, or (with `replace_started_after`) started that long ago or queued on
+        no queue. One round trip for all, plus the queue searches of `_off_queue`."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(Job.key_for(job_id), ["status", "started_at", "origin"])
+        stale, queued = [], []
+        for i, fields in enumerate(pipe.execute()):
+            status = _text(fields[0])
+            stale.append(status is None or status in _DEAD)
+            if stale[i] or replace_started_after is None:
+                continue
+            if status == JobStatus.STARTED.value:
+                stale[i] = _older_than(_text(fields[1]), replace_started_after)
+            elif status == JobStatus.QUEUED.value:
+                queued.append((i, _text(fields[2])))
+        off = self._off_queue([(job_ids[i], origin) for i, origin in queued])
+        for (i, _), lost in zip(queued, off, strict=True):
+            stale[i] = lost
+        return stale
+
+    def _off_queue(self, jobs: Sequence[tuple[str, str | None]]) -> list[bool]:
+        """For (job id, origin queue) pairs of jobs RQ still calls queued: which are on no
+        queue, because a worker took them off (into its intermediate queue) and died before
+        marking them started.
 
         The relay asks this of every due row, and a backlog's rows all fall due while their
         jobs wait, so the question must not cost the queue's length: searching a queue of
@@ -215,19 +234,40 @@ class Dispatcher:
         queue (as long as the workers on it) is searched always; the queue itself only while
         it is short. A lost job in a long queue is found once the queue drains below that,
         its row re-pushed on the relay's backoff meanwhile."""
-        name = _text(origin)
-        if name is None:
-            return True
-        queue = self._queue(name)
+        if not jobs:
+            return []
+        queues = {name: self._queue(name) for _, name in jobs if name is not None}
         pipe = self.redis.pipeline(transaction=False)
-        pipe.lpos(queue.intermediate_queue_key, job_id)
-        pipe.llen(queue.key)
-        taken, length = pipe.execute()
-        if taken is not None:
-            return True
-        if length > SEARCHED_QUEUE_LENGTH:
-            return False
-        return self.redis.lpos(queue.key, job_id) is None
+        for job_id, name in jobs:
+            if name is not None:
+                pipe.lpos(queues[name].intermediate_queue_key, job_id)
+        for queue in queues.values():
+            pipe.llen(queue.key)
+        answers = iter(pipe.execute())
+        lost = [name is None or next(answers) is not None for _, name in jobs]
+        length = {name: int(next(answers)) for name in queues}
+        search = [
+            i
+            for i, (_, name) in enumerate(jobs)
+            if not lost[i] and name is not None and length[name] <= SEARCHED_QUEUE_LENGTH
+        ]
+        if search:
+            pipe = self.redis.pipeline(transaction=False)
+            for i in search:
+                job_id, name = jobs[i]
+                pipe.lpos(queues[str(name)].key, job_id)
+            for i, position in zip(search, pipe.execute(), strict=True):
+                lost[i] = position is None
+        return lost
+
+    def _replace(
+        self, job_id: str, command: dict[str, Any], queue: str, step_timeout: float | None
+    ) -> str:
+        self._delete_job(job_id)
+        if self._try_enqueue(job_id, command, queue, step_timeout):
+            log.info("replaced job %s for %s", job_id, command["idempotency_key"])
+            return "replaced"
+        return "present"  # someone else enqueued it in between
 
     def _queue(self, name: str) -> Queue:
         queue = self._queues.get(name)
@@ -249,6 +289,11 @@ class Dispatcher:
     def _try_enqueue(
         self, job_id: str, command: dict[str, Any], queue_name: str, step_timeout: float | None
     ) -> bool:
+        return enqueue(self.redis, [self._job(job_id, command, queue_name, step_timeout)])[0]
+
+    def _job(
+        self, job_id: str, command: dict[str, Any], queue_name: str, step_timeout: float | None
+    ) -> tuple[Queue, Job]:
         queue_name = self.route(queue_name)
         conf = self.settings.queue(queue_name)
         timeout = conf.job_timeout
@@ -267,11 +312,7 @@ class Dispatcher:
             description=describe(command),
             meta=meta,
         )
-        try:
-            queue.enqueue_job(job, unique=True)
-        except DuplicateJobError:
-            return False
-        return True
+        return queue, job
 
     def _delete_job(self, job_id: str) -> None:
         try:

@@ -7,10 +7,12 @@ the way an at-least-once producer (a retried enqueue, a relay racing a caller) w
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from executor.commands.models import BackoffPolicy
+from executor.ledger.outcome import OutboxItem
 from executor.transport.dispatch import Dispatcher, job_id_for
 from executor.transport.runtime import get_runtime
 from executor.transport.worker import ExecutorWorker
@@ -31,11 +33,12 @@ def overrun(ctx: StepContext) -> None:
 
 
 class DuplicatingDispatcher(Dispatcher):
-    def ensure_job(self, command: dict[str, Any], queue: str, **kwargs: Any) -> str:
-        result = super().ensure_job(command, queue, **kwargs)
-        again = job_id_for(str(command["idempotency_key"])) + "-again"
-        self._try_enqueue(again, command, queue, kwargs.get("step_timeout"))
-        return result
+    def push_items(self, items: Sequence[OutboxItem]) -> list[int]:
+        pushed = super().push_items(items)
+        for item in items:
+            again = job_id_for(item.idempotency_key) + "-again"
+            self._try_enqueue(again, item.command, item.queue, item.timeout_seconds)
+        return pushed
 
 
 class DuplicatingWorker(ExecutorWorker):
