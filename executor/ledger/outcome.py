@@ -22,7 +22,12 @@ class EventRef:
 
 @dataclass(frozen=True, slots=True)
 class OutboxItem:
-    """A follow-up command committed with the change, for its writer to push."""
+    """A follow-up command committed with the change, for its writer to push.
+
+    `then`: starts of the same run that ride in this item's job, for the worker that takes
+    it to run one after another (`StepRunner` splits a wide fan-out so). Each keeps its own
+    outbox row, which the relay pushes on its own if the chain never gets to it.
+    """
 
     outbox_id: int
     run_id: str
@@ -31,6 +36,7 @@ class OutboxItem:
     command: dict[str, Any]
     not_before: datetime | None = None
     timeout_seconds: float | None = None
+    then: tuple[OutboxItem, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

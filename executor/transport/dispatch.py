@@ -1,7 +1,8 @@
 """Pushing committed follow-up commands from the outbox into RQ, at least once.
 
 Every command becomes one RQ job calling `executor.transport.jobs.deliver` with the command
-as its only argument, serialized as JSON. The job id is derived from the command's
+as its argument (and the chain of starts an item carries in `then`, if any), serialized as
+JSON. The job id is derived from the command's
 idempotency key, and the enqueue is RQ's atomic unique enqueue, so pushing the same outbox
 row twice (the handler's caller and the relay racing, the reaper re-pushing) leaves one job,
 not two. Duplicates that still get through (a job re-pushed after it was lost) are harmless:
@@ -43,6 +44,7 @@ import redis
 from psycopg_pool import ConnectionPool
 from rq.job import Job, JobStatus
 from rq.queue import Queue
+from rq.worker import Worker
 
 from executor.ledger.outcome import OutboxItem
 from executor.transport.enqueue import enqueue
@@ -69,6 +71,9 @@ SEARCHED_QUEUE_LENGTH = 1_000
 
 BACKLOG_FRESH_SECONDS = 0.05
 """How long an answer of `Dispatcher.backlogged` is kept."""
+
+WORKERS_FRESH_SECONDS = 5.0
+"""How long an answer of `Dispatcher.workers_on` is kept."""
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -102,6 +107,7 @@ class Dispatcher:
         self.pool = pool
         self._queues: dict[str, Queue] = {}
         self._backlog: dict[str, tuple[float, bool]] = {}
+        self._workers: dict[str, tuple[float, int]] = {}
         self.later = Later(self.push_items)
 
     def push(self, items: Sequence[OutboxItem]) -> None:
@@ -131,7 +137,11 @@ class Dispatcher:
         """
         jobs = [
             self._job(
-                job_id_for(item.idempotency_key), item.command, item.queue, item.timeout_seconds
+                job_id_for(item.idempotency_key),
+                item.command,
+                item.queue,
+                item.timeout_seconds,
+                item.then,
             )
             for item in items
         ]
@@ -151,7 +161,7 @@ class Dispatcher:
             stale = self._stale(ids, self.settings.outbox_grace_seconds)
             for item, job_id, replace in zip(taken, ids, stale, strict=True):
                 if replace:
-                    self._replace(job_id, item.command, item.queue, item.timeout_seconds)
+                    self._replace(job_id, item.command, item.queue, item.timeout_seconds, item.then)
                 pushed.append(item.outbox_id)
         except redis.RedisError as exc:
             log.warning(
@@ -198,6 +208,20 @@ class Dispatcher:
             return False
         self._backlog[queue] = (now, busy)
         return busy
+
+    def workers_on(self, queue: str) -> int:
+        """How many workers listen on `queue` (at least 1), kept for WORKERS_FRESH_SECONDS:
+        asked once a fan-out, to split it into a chain for each."""
+        now = time.monotonic()
+        seen = self._workers.get(queue)
+        if seen is not None and now - seen[0] < WORKERS_FRESH_SECONDS:
+            return seen[1]
+        try:
+            count = max(1, Worker.count(queue=self._queue(self.route(queue))))
+        except redis.RedisError:
+            return 1
+        self._workers[queue] = (now, count)
+        return count
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -261,10 +285,15 @@ class Dispatcher:
         return lost
 
     def _replace(
-        self, job_id: str, command: dict[str, Any], queue: str, step_timeout: float | None
+        self,
+        job_id: str,
+        command: dict[str, Any],
+        queue: str,
+        step_timeout: float | None,
+        then: Sequence[OutboxItem] = (),
     ) -> str:
         self._delete_job(job_id)
-        if self._try_enqueue(job_id, command, queue, step_timeout):
+        if enqueue(self.redis, [self._job(job_id, command, queue, step_timeout, then)])[0]:
             log.info("replaced job %s for %s", job_id, command["idempotency_key"])
             return "replaced"
         return "present"  # someone else enqueued it in between
@@ -292,8 +321,15 @@ class Dispatcher:
         return enqueue(self.redis, [self._job(job_id, command, queue_name, step_timeout)])[0]
 
     def _job(
-        self, job_id: str, command: dict[str, Any], queue_name: str, step_timeout: float | None
+        self,
+        job_id: str,
+        command: dict[str, Any],
+        queue_name: str,
+        step_timeout: float | None,
+        then: Sequence[OutboxItem] = (),
     ) -> tuple[Queue, Job]:
+        """The RQ job for a command: `deliver(command)`, or `deliver(command, chain)` with the
+        commands of `then` for the same worker to run after it."""
         queue_name = self.route(queue_name)
         conf = self.settings.queue(queue_name)
         timeout = conf.job_timeout
@@ -304,7 +340,7 @@ class Dispatcher:
         queue = self._queue(queue_name)
         job = queue.create_job(
             DELIVER,
-            args=(command,),
+            args=(command, [t.command for t in then]) if then else (command,),
             job_id=job_id,
             timeout=timeout,
             result_ttl=conf.result_ttl,

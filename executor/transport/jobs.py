@@ -1,7 +1,9 @@
 """The one job function workers run: `deliver(command)`.
 
 Every RQ job we enqueue names this function and nothing else, with one JSON command as its
-argument. `deliver` decodes it strictly and routes it:
+argument, and for a share of a fan-out a second: the chain, further `start_step` commands of
+the same run to run after the first (see `StepRunner._hold`). `deliver` decodes both
+strictly and routes the command:
 
 - `start_step` → the StepRunner (apply the start, run the step, apply its outcome);
 - `start_run` without steps (what `create_run` leaves in the outbox, since clients do not
@@ -60,13 +62,16 @@ log = logging.getLogger("executor.jobs")
 _PLACEHOLDER = [{"step_key": "_planned_by_worker"}]
 
 
-def deliver(command: dict[str, Any]) -> str:
-    """RQ entry point: apply one command; returns a one-line account of what happened."""
+def deliver(command: dict[str, Any], then: Any = None) -> str:
+    """RQ entry point: apply one command (and run the chain of starts `then` after it, if
+    the job brought one); returns a one-line account of what happened."""
     job = get_current_job()
     observability.job_received(job)  # observability: the enqueue time, for queue wait
     if job is None:
-        return handle(get_runtime(), command)
-    return handle(get_runtime(), command, job_timeout=job.timeout, queue=job.origin, job=job)
+        return handle(get_runtime(), command, then=then)
+    return handle(
+        get_runtime(), command, job_timeout=job.timeout, queue=job.origin, job=job, then=then
+    )
 
 
 def new_fence() -> str:
@@ -81,6 +86,7 @@ def handle(
     job_timeout: float | None = None,
     queue: str | None = None,
     job: Job | None = None,
+    then: Any = None,
 ) -> str:
     """Decode, route and apply one command payload (already JSON-decoded).
 
@@ -91,6 +97,7 @@ def handle(
     """
     try:
         command = decode(payload)
+        chain = decode_chain(command, then)
     except InvalidCommand as exc:
         kind = payload.get("type") if isinstance(payload, dict) else None
         runtime.ledger.record_invalid(
@@ -103,9 +110,16 @@ def handle(
     try:
         budget, rearm = _in_place_budget(job_timeout)
         if isinstance(command, StartStep):
+            held = _held(runtime, chain, queue)
+            if held and (not budget or runtime.limits.of(command.workflow, queue or "")):
+                runtime.dispatcher.push(held)  # each start on its own: no chain, or limited
+                held = []
             if not _take_turn(runtime, command, queue, job):
+                runtime.dispatcher.push(held)
                 return "deferred: rate limited; the step stays queued, its attempt uncharged"
-            outcome = runner.run(command, fence=fence, continue_for=budget, on_continue=rearm)
+            outcome = runner.run(
+                command, fence=fence, continue_for=budget, on_continue=rearm, then=held
+            )
         else:
             if isinstance(command, StartRun) and not command.steps:
                 retry = runtime.settings.retry
@@ -216,6 +230,42 @@ def _ledger_queue(runtime: Runtime, queue: str | None) -> str | None:
     if queue is None:
         return None
     return "default" if queue == runtime.dispatcher.route("default") else queue
+
+
+MAX_CHAIN = 1_000
+
+
+def decode_chain(command: Command, then: Any) -> list[StartStep]:
+    """The starts a job brought to run after `command`: starts of the same run only."""
+    if then is None:
+        return []
+    if not isinstance(command, StartStep):
+        raise InvalidCommand("only a start_step job may bring a chain of further starts")
+    if not isinstance(then, list) or len(then) > MAX_CHAIN:
+        raise InvalidCommand(f"a chain must be a list of at most {MAX_CHAIN} start_step commands")
+    chain = []
+    for raw in then:
+        start = decode(raw)
+        if not isinstance(start, StartStep) or start.run_id != command.run_id:
+            raise InvalidCommand("a chain holds start_step commands of the job's own run only")
+        chain.append(start)
+    return chain
+
+
+def _held(runtime: Runtime, chain: list[StartStep], queue: str | None) -> list[OutboxItem]:
+    """A job's chain as the outbox items they are: each has its row, the relay's to push if
+    the chain never gets to it; pushed from here only when the job must leave some."""
+    ledger_queue = _ledger_queue(runtime, queue) or "default"
+    return [
+        OutboxItem(
+            outbox_id=0,
+            run_id=start.run_id,
+            queue=ledger_queue,
+            idempotency_key=start.idempotency_key,
+            command=wire(start),
+        )
+        for start in chain
+    ]
 
 
 def decode(payload: Any) -> Command:

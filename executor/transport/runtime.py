@@ -99,6 +99,7 @@ def build_runtime(
         heartbeat_interval=settings.heartbeat_interval,
         may_continue=lambda workflow, queue: not limits.of(workflow, queue),
         busy=dispatcher.backlogged,
+        workers=dispatcher.workers_on,
     )
     dispatcher.later.deliver = _deliver_later(ledger, dispatcher)
     return Runtime(

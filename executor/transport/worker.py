@@ -87,7 +87,7 @@ from executor.transport.entries import (
     job_key,
     printable,
 )
-from executor.transport.jobs import decode
+from executor.transport.jobs import decode, decode_chain
 from executor.transport.runtime import configure_runtime, get_runtime
 from executor.transport.serializer import JSONCommandSerializer, RefusedPayload
 from executor.transport.timeouts import StepDeathPenalty
@@ -133,15 +133,17 @@ def screen_job(job: Job, allowed: frozenset[str] = ALLOWED_FUNCTIONS) -> Rejecti
         )
     if instance is not None:
         return Rejection("job names a method of an instance; only plain functions are run", raw)
-    if isinstance(args, list) and len(args) == 1 and kwargs == {}:
+    then = None
+    if isinstance(args, list) and len(args) in (1, 2) and kwargs == {}:
         payload = args[0]
+        then = args[1] if len(args) == 2 else None
     elif args == [] and isinstance(kwargs, dict) and list(kwargs) == ["command"]:
         payload = kwargs["command"]
     else:
-        return Rejection(f"{DELIVER} takes exactly one argument, the command", raw)
+        return Rejection(f"{DELIVER} takes the command and, optionally, a chain of starts", raw)
     kind = payload.get("type") if isinstance(payload, dict) else None
     try:
-        decode(payload)
+        decode_chain(decode(payload), then)
     except InvalidCommand as exc:
         return Rejection(str(exc), raw, kind if kind in COMMAND_TYPES else None)
     return None

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import psycopg
 from pydantic import ValidationError
@@ -51,11 +49,17 @@ from executor.ledger.handler import Ledger
 from executor.ledger.outcome import OutboxItem, Outcome
 from executor.ledger.outcome import StepContext as StepContextInfo
 from executor.workflows.definition import FatalError, StepContext, StepDefinition, Suspension
+from executor.workflows.heartbeats import Heartbeats, Lease
 from executor.workflows.registry import get_workflow
 
 log = logging.getLogger("executor.runner")
 
 Push = Callable[[Sequence[OutboxItem]], None]
+
+CHAIN_LENGTH = 32
+"""At most this many starts of a fan-out ride in one job: shorter chains spread a fan-out
+over more workers, longer ones save more jobs (a step run in a chain costs one command and
+no job of its own)."""
 Outcome_ = CompleteStep | FailStep | SuspendStep
 
 # Interruptions after which we cannot know whether the COMMIT went through.
@@ -98,74 +102,6 @@ def plan_run(
         raise InvalidWorkflow(f"workflow {wf.name!r} cannot be planned: {problems}") from exc
 
 
-class _Heartbeats:
-    """One thread per runner beats every attempt it is running, each on its own interval.
-
-    A thread of its own per attempt cost more to start and join than a no-op step costs to
-    run; this one sleeps until the next beat is due, so a step shorter than the interval
-    never beats at all.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Condition()
-        self._due: dict[int, tuple[float, float, Callable[[], bool], threading.Event]] = {}
-        self._next_id = 0
-        self._thread: threading.Thread | None = None
-
-    @contextmanager
-    def watch(
-        self, beat: Callable[[], bool], interval: float, lost: threading.Event
-    ) -> Iterator[None]:
-        with self._lock:
-            self._next_id += 1
-            ident = self._next_id
-            self._due[ident] = (time.monotonic() + interval, interval, beat, lost)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._loop, name="executor-heartbeat", daemon=True
-                )
-                self._thread.start()
-            self._lock.notify()
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._due.pop(ident, None)
-
-    def _loop(self) -> None:
-        while True:
-            with self._lock:
-                now = time.monotonic()
-                ready = [(i, d) for i, d in self._due.items() if d[0] <= now]
-                if not ready:
-                    soonest = min((d[0] for d in self._due.values()), default=now + 60.0)
-                    self._lock.wait(max(0.0, soonest - now))
-                    continue
-                for ident, (_, interval, beat, lost) in ready:
-                    self._due[ident] = (now + interval, interval, beat, lost)
-            for ident, (_, _, beat, lost) in ready:
-                try:
-                    if not beat():
-                        lost.set()
-                        with self._lock:
-                            self._due.pop(ident, None)
-                except Exception:  # the database may be restarting; the lease has slack
-                    log.warning("heartbeat failed; will try again", exc_info=True)
-
-
-class _Lease:
-    """One attempt's lease: its heartbeat, and the flag a lost beat raises."""
-
-    def __init__(self, ledger: Ledger, run_id: str, info: StepContextInfo, fence: str) -> None:
-        self.ledger, self.run_id, self.info, self.fence = ledger, run_id, info, fence
-        self.lost = threading.Event()
-
-    def beat(self) -> bool:
-        info = self.info
-        extended = self.ledger.extend_lease(self.run_id, info.step_key, info.attempt, self.fence)
-        return extended is not None
-
-
 class StepRunner:
     def __init__(
         self,
@@ -175,16 +111,19 @@ class StepRunner:
         heartbeat_interval: float = 10.0,
         may_continue: Callable[[str, str], bool] | None = None,
         busy: Callable[[str], bool] | None = None,
+        workers: Callable[[str], int] | None = None,
     ) -> None:
         """`may_continue(workflow, queue)` says whether a step may start in place without a
         trip through the queue (not when a rate limit must see every start); `busy(queue)`
-        whether the queue has work waiting, so no worker is idle to take a job of ours."""
+        whether the queue has work waiting, so no worker is idle to take a job of ours;
+        `workers(queue)` how many workers take its jobs, the chains a fan-out is split into."""
         self.ledger = ledger
         self.push = push
         self.heartbeat_interval = heartbeat_interval
         self.may_continue = may_continue or (lambda workflow, queue: True)
         self.busy = busy or (lambda queue: False)
-        self._heartbeats = _Heartbeats()
+        self.workers = workers or (lambda queue: 1)
+        self._heartbeats = Heartbeats()
 
     def apply(self, command: Command, *, rearm: Callable[[], None] | None = None) -> Outcome:
         """Apply `command` and learn its outcome, however long the answer takes.
@@ -219,20 +158,32 @@ class StepRunner:
         fence: str,
         continue_for: float = 0.0,
         on_continue: Callable[[], None] | None = None,
+        then: Sequence[OutboxItem] = (),
     ) -> Outcome:
         """Start the attempt `command` names under `fence`, run it, and then, for up to
-        `continue_for` seconds, the dependants its completions start in place.
+        `continue_for` seconds, the dependants its completions start in place and the
+        starts of `then` (a chain the job brought).
 
         A completion may start one ready dependant routed to the same queue in its own
         transaction (see CompleteStep.continue_on); this loop runs it without a trip through
         Redis. The budget keeps the whole chain inside the job timeout RQ armed for the job.
+        A start that does not apply (another delivery ran that step) passes to the next.
         """
+        held = list(then)
         outcome = self.apply(command.model_copy(update={"fence": fence}), rearm=on_continue)
-        if not (outcome.applied or outcome.owner):
+        while not (outcome.applied or outcome.owner):
             log.info("not running %s: %s (%s)", command.describe(), outcome.reason, outcome.detail)
-            return outcome
+            if not held:
+                return outcome
+            command = StartStep.model_validate({**held.pop(0).command, "fence": fence})
+            outcome = self.apply(command, rearm=on_continue)
         return self.run_started(
-            command.run_id, outcome, fence=fence, continue_for=continue_for, on_continue=on_continue
+            command.run_id,
+            outcome,
+            fence=fence,
+            continue_for=continue_for,
+            on_continue=on_continue,
+            held=held,
         )
 
     def run_started(
@@ -243,16 +194,17 @@ class StepRunner:
         fence: str,
         continue_for: float = 0.0,
         on_continue: Callable[[], None] | None = None,
+        held: list[OutboxItem] | None = None,
     ) -> Outcome:
         """Run the attempt an applied command already started (its `step_context`), and on.
 
         `on_continue` runs before each step started in place (the transport re-arms the job's
-        timeout there, so every step gets a whole one).
+        timeout there, so every step gets a whole one). `held`: starts to run next, in order.
         """
         deadline = time.monotonic() + continue_for
         info = outcome.step_context
         last = outcome
-        held: list[OutboxItem] = []
+        held = [] if held is None else held
         unpushed: list[OutboxItem] = []
         try:
             while info is not None:
@@ -265,7 +217,7 @@ class StepRunner:
                     and self.may_continue(info.workflow, info.queue)
                     else None
                 )
-                lease = _Lease(self.ledger, run_id, info, fence)
+                lease = Lease(self.ledger, run_id, info, fence)
                 # The lease is kept until the outcome is committed: a report queued behind
                 # the run's lock (a busy map) must not lose to the reaper's verdict.
                 with self._heartbeats.watch(lease.beat, self.heartbeat_interval, lease.lost):
@@ -316,17 +268,35 @@ class StepRunner:
         run_id: str,
         queue: str | None,
     ) -> list[OutboxItem]:
-        """Keep back the starts this worker could run next while its queue is busy anyway;
-        returns the rest, to push. A kept start's outbox row stays: if this worker dies, the
-        relay pushes it once the grace is over."""
-        if queue is None or not any(_startable(f, run_id, queue) for f in followups):
+        """Keep back the starts this worker could run next; returns the rest, to push.
+
+        While the queue is busy anyway, all of them. Otherwise a fan-out is split into a
+        chain for each worker on the queue (more, if chains would exceed CHAIN_LENGTH): this
+        worker keeps the first, and each other goes as one job, whose worker runs its starts
+        one after another. A step run in a chain costs one command (its completion starts
+        the next) instead of a start and a completion, and no job of its own.
+        A kept start's outbox row stays: if its worker dies, the relay pushes it once the
+        grace is over."""
+        if queue is None:
             return list(followups)
-        if not self.busy(queue):
+        startable = [f for f in followups if _startable(f, run_id, queue)]
+        if not startable:
             return list(followups)
-        rest: list[OutboxItem] = []
-        for item in followups:
-            (held if _startable(item, run_id, queue) else rest).append(item)
-        return rest
+        rest = [f for f in followups if not _startable(f, run_id, queue)]
+        if self.busy(queue):
+            held.extend(startable)
+            return rest
+        if len(startable) < 2:
+            return list(followups)
+        count = max(min(self.workers(queue), len(startable)), -(-len(startable) // CHAIN_LENGTH))
+        size, extra = divmod(len(startable), count)
+        chains, start = [], 0
+        for i in range(count):
+            end = start + size + (1 if i < extra else 0)
+            chains.append(startable[start:end])
+            start = end
+        held.extend(chains[0])
+        return rest + [replace(chain[0], then=tuple(chain[1:])) for chain in chains[1:]]
 
     def _start_held(
         self, held: list[OutboxItem], fence: str, rearm: Callable[[], None] | None
@@ -341,7 +311,7 @@ class StepRunner:
         return None
 
     def _attempt(
-        self, info: StepContextInfo, lease: _Lease, continue_on: str | None
+        self, info: StepContextInfo, lease: Lease, continue_on: str | None
     ) -> Outcome_ | None:
         """Run one started attempt (its lease beaten by the caller); None if it was lost."""
         run_id = lease.run_id

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,6 +27,7 @@ from executor.ledger.outcome import OutboxItem
 from executor.recovery.sweep import SweepReport, sweep
 from executor.transport.dispatch import DELIVER, SEARCHED_QUEUE_LENGTH, Dispatcher, job_id_for
 from executor.transport.serializer import JSONCommandSerializer, RefusedPayload
+from executor.transport.worker import screen_job
 from queue_config import ExecutorSettings
 
 Pool = ConnectionPool[psycopg.Connection[dict[str, Any]]]
@@ -256,3 +258,24 @@ def test_one_sweeper_at_a_time(
     report: SweepReport = sweep(Context())
     assert report.leader
     assert "relayed 0/0" in str(report)
+
+
+# --- chains ----------------------------------------------------------------------------------
+
+
+def test_a_chain_is_one_job_and_the_relay_pushes_its_other_starts_on_their_own(
+    redis: redis_lib.Redis, settings: ExecutorSettings
+) -> None:
+    """The chain's job carries the first start and the others; if the chain never gets to
+    them, each row's push (the relay's) enqueues it on its own, the first stays one job."""
+    first, *rest = (start_step_item(i, attempt=i) for i in (1, 2, 3))
+    dispatcher = Dispatcher(redis, settings)
+    dispatcher.push([replace(first, then=tuple(rest))])
+    assert queued_ids(redis, "high") == [job_id_for(first.idempotency_key)]
+    job = Job.fetch(
+        job_id_for(first.idempotency_key), connection=redis, serializer=JSONCommandSerializer
+    )
+    assert job.args == [first.command, [r.command for r in rest]]
+    assert screen_job(job) is None
+    assert sorted(dispatcher.push_items([first, *rest])) == [1, 2, 3]
+    assert queued_ids(redis, "high") == [job_id_for(i.idempotency_key) for i in (first, *rest)]

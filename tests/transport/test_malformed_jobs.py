@@ -60,7 +60,22 @@ def malformed(canary: Path) -> dict[str, tuple[bytes, str]]:
             job_data("os.system", [f"touch {canary}"]),
             "'os.system', which is not on the allow-list",
         ),
-        "two_arguments": (job_data(DELIVER, [start, start]), "exactly one argument"),
+        "three_arguments": (
+            job_data(DELIVER, [start, [], []]),
+            "takes the command and, optionally, a chain of starts",
+        ),
+        "chain_not_a_list": (job_data(DELIVER, [start, start]), "a chain must be a list"),
+        "chain_of_another_run": (
+            job_data(DELIVER, [start, [{**start, "run_id": "r2"}]]),
+            "start_step commands of the job's own run only",
+        ),
+        "chain_after_no_start": (
+            job_data(
+                DELIVER, [{"type": "cancel_run", "run_id": "r1", "idempotency_key": "k"}, [start]]
+            ),
+            "only a start_step job may bring a chain",
+        ),
+        "chain_bad_start": (job_data(DELIVER, [start, [{**start, "attempt": "one"}]]), "attempt"),
         "pickle_compressed": (
             zlib.compress(pickle.dumps(OpensAFile(canary), protocol=5)),
             "pickled payload (pickle protocol 5)",
