@@ -55,12 +55,12 @@ from executor.workflows.registry import get_workflow
 log = logging.getLogger("executor.runner")
 
 Push = Callable[[Sequence[OutboxItem]], None]
+Outcome_ = CompleteStep | FailStep | SuspendStep
 
 CHAIN_LENGTH = 32
 """At most this many starts of a fan-out ride in one job: shorter chains spread a fan-out
 over more workers, longer ones save more jobs (a step run in a chain costs one command and
 no job of its own)."""
-Outcome_ = CompleteStep | FailStep | SuspendStep
 
 # Interruptions after which we cannot know whether the COMMIT went through.
 _UNCERTAIN = (psycopg.OperationalError, psycopg.InterfaceError, StepTimeout, LedgerBusy)
