@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import redis as redis_lib
-from redis.connection import Connection
+from redis.connection import AbstractConnection
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 
@@ -57,13 +57,13 @@ def queued(redis: redis_lib.Redis, name: str = "high") -> list[str]:
 def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts what redis-py writes to a socket: one write per round trip."""
     count = [0]
-    original = Connection.send_packed_command
+    original = AbstractConnection.send_packed_command
 
-    def counted(self: Connection, *args: Any, **kwargs: Any) -> None:
+    def counted(self: AbstractConnection, *args: Any, **kwargs: Any) -> None:
         count[0] += 1
         original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Connection, "send_packed_command", counted)
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
     return count
 
 
