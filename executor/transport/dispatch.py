@@ -293,7 +293,7 @@ class Dispatcher:
         then: Sequence[OutboxItem] = (),
     ) -> str:
         self._delete_job(job_id)
-        if enqueue(self.redis, [self._job(job_id, command, queue, step_timeout, then)])[0]:
+        if self._try_enqueue(job_id, command, queue, step_timeout, then):
             log.info("replaced job %s for %s", job_id, command["idempotency_key"])
             return "replaced"
         return "present"  # someone else enqueued it in between
@@ -316,9 +316,14 @@ class Dispatcher:
         return queue_name
 
     def _try_enqueue(
-        self, job_id: str, command: dict[str, Any], queue_name: str, step_timeout: float | None
+        self,
+        job_id: str,
+        command: dict[str, Any],
+        queue_name: str,
+        step_timeout: float | None,
+        then: Sequence[OutboxItem] = (),
     ) -> bool:
-        return enqueue(self.redis, [self._job(job_id, command, queue_name, step_timeout)])[0]
+        return enqueue(self.redis, [self._job(job_id, command, queue_name, step_timeout, then)])[0]
 
     def _job(
         self,

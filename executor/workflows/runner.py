@@ -171,12 +171,11 @@ class StepRunner:
         """
         held = list(then)
         outcome = self.apply(command.model_copy(update={"fence": fence}), rearm=on_continue)
-        while not (outcome.applied or outcome.owner):
+        if not (outcome.applied or outcome.owner):
             log.info("not running %s: %s (%s)", command.describe(), outcome.reason, outcome.detail)
-            if not held:
+            outcome = self._start_held(held, fence, on_continue) or outcome
+            if not (outcome.applied or outcome.owner):
                 return outcome
-            command = StartStep.model_validate({**held.pop(0).command, "fence": fence})
-            outcome = self.apply(command, rearm=on_continue)
         return self.run_started(
             command.run_id,
             outcome,
@@ -245,7 +244,8 @@ class StepRunner:
                     if info is not None and held and held[0].command["step_key"] == info.step_key:
                         held.pop(0)
                     if info is None and held and time.monotonic() < deadline:
-                        info = self._start_held(held, fence, on_continue)
+                        started = self._start_held(held, fence, on_continue)
+                        info = started.step_context if started is not None else None
                 else:
                     if ended.reason != "duplicate":
                         log.warning(
@@ -279,10 +279,12 @@ class StepRunner:
         grace is over."""
         if queue is None:
             return list(followups)
-        startable = [f for f in followups if _startable(f, run_id, queue)]
+        startable: list[OutboxItem] = []
+        rest: list[OutboxItem] = []
+        for item in followups:
+            (startable if _startable(item, run_id, queue) else rest).append(item)
         if not startable:
-            return list(followups)
-        rest = [f for f in followups if not _startable(f, run_id, queue)]
+            return rest
         if self.busy(queue):
             held.extend(startable)
             return rest
@@ -300,14 +302,15 @@ class StepRunner:
 
     def _start_held(
         self, held: list[OutboxItem], fence: str, rearm: Callable[[], None] | None
-    ) -> StepContextInfo | None:
-        """Start the next kept-back step under our fence; None if none could start."""
+    ) -> Outcome | None:
+        """Start the next kept-back step under our fence; None if none could start (each
+        was taken by another delivery, or its run has moved on)."""
         while held:
             item = held.pop(0)
             start = StartStep.model_validate({**item.command, "fence": fence})
             outcome = self.apply(start, rearm=rearm)
             if outcome.applied or outcome.owner:
-                return outcome.step_context
+                return outcome
         return None
 
     def _attempt(

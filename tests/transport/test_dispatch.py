@@ -20,6 +20,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from rq.job import Job, JobStatus
 from rq.queue import Queue
+from support.items import start_step_item
 
 from executor.commands.models import CreateRun, StartRun, StartStep, StepSpec
 from executor.ledger.handler import Ledger
@@ -36,18 +37,6 @@ Pool = ConnectionPool[psycopg.Connection[dict[str, Any]]]
 @pytest.fixture
 def settings() -> ExecutorSettings:
     return ExecutorSettings(outbox_grace_seconds=0.5, step_timeout_grace_seconds=2)
-
-
-def start_step_item(outbox_id: int = 1, attempt: int = 1, **extra: Any) -> OutboxItem:
-    command = StartStep(run_id="r1", step_key="a", attempt=attempt)
-    return OutboxItem(
-        outbox_id=outbox_id,
-        run_id="r1",
-        queue="high",
-        idempotency_key=command.idempotency_key,
-        command=command.model_dump(mode="json"),
-        **extra,
-    )
 
 
 def queued_ids(redis: redis_lib.Redis, name: str) -> list[str]:

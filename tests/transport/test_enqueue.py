@@ -15,8 +15,8 @@ import redis as redis_lib
 from redis.connection import AbstractConnection
 from rq.job import Job, JobStatus
 from rq.queue import Queue
+from support.items import start_step_item
 
-from executor.commands.models import StartStep
 from executor.ledger.outcome import OutboxItem
 from executor.transport import enqueue as batch
 from executor.transport.dispatch import Dispatcher, job_id_for
@@ -32,15 +32,7 @@ def dispatcher(redis: redis_lib.Redis) -> Dispatcher:
 
 
 def item(step: str, outbox_id: int = 1) -> OutboxItem:
-    command = StartStep(run_id="r1", step_key=step, attempt=1)
-    return OutboxItem(
-        outbox_id=outbox_id,
-        run_id="r1",
-        queue="high",
-        idempotency_key=command.idempotency_key,
-        command=command.model_dump(mode="json"),
-        timeout_seconds=5.0,
-    )
+    return start_step_item(outbox_id, step_key=step, timeout_seconds=5.0)
 
 
 def job_for(dispatcher: Dispatcher, it: OutboxItem, job_id: str | None = None) -> Any:
