@@ -55,17 +55,14 @@ _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_err
 # Commands that may end a step, and so must see its dependants and its map.
 _OUTCOMES = frozenset({"complete_step", "wake_step", "child_finished"})
 
-# Postgres would plan the write anew on every call, at a cost above its execution: its
-# estimate of the generic plan (unknown array and document sizes) loses to each custom one.
-# The generic plan is the same join by key whatever the sizes (checked at W=10,000).
-# A generic plan is made once a connection, from the statistics of that moment: on a young
-# ledger (tables of a few pages, not yet analyzed) it would read the steps table whole to
-# find the rows by ctid, and keep doing so as the table grows. Every statement here reaches
-# its rows by key or ctid, so a sequential scan is never the plan wanted.
-_PLAN_SETTINGS = (
-    "SELECT set_config('plan_cache_mode', 'force_generic_plan', true),"
-    " set_config('enable_seqscan', 'off', true)"
-)
+# The transaction's planner settings ride in its first statement (q.LOCK_FOR_COMMAND), set
+# before the lock is taken. Postgres would plan the write anew on every call, at a cost above
+# its execution: its estimate of the generic plan (unknown array and document sizes) loses to
+# each custom one; the generic plan is the same join by key whatever the sizes (checked at
+# W=10,000). A generic plan is made once a connection, from the statistics of that moment:
+# on a young ledger (tables of a few pages, not yet analyzed) it would read the steps table
+# whole to find the rows by ctid, and keep doing so as the table grows. Every statement here
+# reaches its rows by key or ctid, so a sequential scan is never the plan wanted.
 
 # The unique violations two honest deliveries can race into; anything else is a real fault.
 _RACING_CONSTRAINTS = frozenset(
@@ -237,7 +234,6 @@ class Ledger:
             try:
                 with conn.pipeline() as pipeline:
                     conn.execute("BEGIN")
-                    conn.execute(_PLAN_SETTINGS)
                     pending = self._decide_and_write(conn, pipeline, command)
                     conn.execute("COMMIT")
             except BaseException:

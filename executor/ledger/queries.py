@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 # See sql/005: the run lock, the key, and the rows the command names, in one call.
-LOCK_FOR_COMMAND = "SELECT executor.lock_for_command(%s, %s, %s, %s, %s, %s, %s, %s) AS locked"
+# The handler's planner settings for the rest of its transaction (see handler.py), applied
+# first: the subquery is a scan of its own (OFFSET 0), evaluated before the locking call.
+LOCK_FOR_COMMAND = """
+SELECT executor.lock_for_command(%s, %s, %s, %s, %s, %s, %s, %s) AS locked
+FROM (SELECT set_config('plan_cache_mode', 'force_generic_plan', true),
+             set_config('enable_seqscan', 'off', true) OFFSET 0) AS settings
+"""
 
 INSERT_RECEIPT = """
 INSERT INTO executor.receipts
