@@ -70,9 +70,9 @@ import psycopg
 import redis
 from rq.exceptions import StopRequested
 from rq.intermediate_queue import IntermediateQueue
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.queue import Queue
-from rq.utils import import_attribute
+from rq.utils import import_attribute, now
 from rq.worker import BaseWorker, SimpleWorker, Worker
 
 from executor.commands.models import COMMAND_TYPES
@@ -255,6 +255,19 @@ class _ExecutorWorkerMixin(_Base):
             super().heartbeat(timeout, pipeline)
             if timeout is None:
                 self._beaten_at = now
+
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        """RQ's, but without the job's last heartbeat when the job has succeeded, is plain
+        and has no success callback: the hash that beat would land in is deleted by the
+        next round trip (`finish`)."""
+        if (
+            job.get_status(refresh=False) != JobStatus.FAILED
+            and not job.success_callback
+            and finish.plain(job, self.default_result_ttl)
+        ):
+            job.ended_at = now()
+            return
+        super().handle_execution_ended(job, queue, heartbeat_ttl)
 
     def handle_job_success(
         self,
