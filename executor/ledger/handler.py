@@ -390,8 +390,8 @@ def _upstream(
     A step whose depends_on was left out of its locked row (a long one) has it read here."""
     if step.depends_known:
         wanted = [d for d in step.depends_on if t is None or d not in t.steps]
-        return conn.execute(q.OUTPUTS, (wanted, run_id)) if wanted else None
-    known = [] if t is None else list(t.steps)
+        return conn.execute(q.OUTPUTS, (writes.json_text(wanted), run_id)) if wanted else None
+    known = writes.json_text([] if t is None else list(t.steps))
     return conn.execute(q.UPSTREAM, {"known": known, "run_id": run_id, "step_key": step.step_key})
 
 

@@ -161,13 +161,11 @@ SELECT %s, u.step_key, u.status, u.attempt, u.max_attempts,
        u.backoff, u.kind, ARRAY(SELECT jsonb_array_elements_text(u.dependants)), u.waiting_on,
        u.map_over, u.parent_step, u.item_index, u.item, u.output, u.fence, u.lease_expires_at,
        u.items_total
-FROM unnest(%s::text[], %s::text[], %s::int[], %s::int[], %s::jsonb[], %s::text[],
-            %s::float8[], %s::jsonb[], %s::text[], %s::jsonb[], %s::int[], %s::text[],
-            %s::text[], %s::int[], %s::jsonb[], %s::jsonb[], %s::text[], %s::timestamptz[],
-            %s::int[])
-    AS u(step_key, status, attempt, max_attempts, depends_on, queue, timeout_seconds, backoff,
-         kind, dependants, waiting_on, map_over, parent_step, item_index, item, output, fence,
-         lease_expires_at, items_total)
+FROM jsonb_to_recordset(%s::jsonb) AS u(
+    step_key text, status text, attempt int, max_attempts int, depends_on jsonb, queue text,
+    timeout_seconds float8, backoff jsonb, kind text, dependants jsonb, waiting_on int,
+    map_over text, parent_step text, item_index int, item jsonb, output jsonb, fence text,
+    lease_expires_at timestamptz, items_total int)
 """
 
 # Every write of an applied command in one statement: data-modifying CTEs share the
@@ -182,7 +180,7 @@ WITH receipt AS (
             %(command)s::jsonb, 'applied', %(first_seq)s, %(last_seq)s)
 ), spent AS (
     DELETE FROM executor.outbox WHERE outbox_id IN (
-        SELECT o.outbox_id FROM unnest(%(spent)s::text[]) AS k(key)
+        SELECT o.outbox_id FROM jsonb_array_elements_text(%(spent)s::jsonb) AS k(key)
         CROSS JOIN LATERAL (
             SELECT outbox_id FROM executor.outbox
             WHERE run_id = %(run_id)s AND idempotency_key = k.key
@@ -272,7 +270,7 @@ NOTIFY_ENDED = "SELECT pg_notify('executor_run_ended', %s)"
 
 # The outputs of given steps (the upstream of a step created in this transaction).
 OUTPUTS = """
-SELECT s.step_key, s.output FROM unnest(%s::text[]) AS k(step_key)
+SELECT s.step_key, s.output FROM jsonb_array_elements_text(%s::jsonb) AS k(step_key)
 CROSS JOIN LATERAL (
     SELECT step_key, output FROM executor.steps WHERE run_id = %s AND step_key = k.step_key
     OFFSET 0
@@ -282,8 +280,8 @@ CROSS JOIN LATERAL (
 # The outputs of a started step's upstream steps, in the commit's round trip; `known` are
 # the keys whose outputs the sender has in hand (a completion that made the step ready).
 UPSTREAM = """
-SELECT d.k AS step_key, d.k = ANY(%(known)s::text[]) AS known,
-       CASE WHEN d.k = ANY(%(known)s::text[]) THEN NULL ELSE (
+SELECT d.k AS step_key, %(known)s::jsonb ? d.k AS known,
+       CASE WHEN %(known)s::jsonb ? d.k THEN NULL ELSE (
            SELECT o.output FROM executor.steps AS o
            WHERE o.run_id = %(run_id)s AND o.step_key = d.k) END AS output
 FROM executor.steps AS t, unnest(t.depends_on) AS d(k)

@@ -10,6 +10,7 @@ waiters that a run ended.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -38,35 +39,12 @@ def write(
         conn.execute(q.SET_KEY_LIMIT, (limit, key, limit))
     new = [s for s in t.steps.values() if s.new]
     if new:
-        conn.execute(
-            q.INSERT_STEPS,
-            (
-                run.run_id,
-                [s.step_key for s in new],
-                [s.status for s in new],
-                [s.attempt for s in new],
-                [s.max_attempts for s in new],
-                [Jsonb(list(s.depends_on)) for s in new],
-                [s.queue for s in new],
-                [s.timeout_seconds for s in new],
-                [Jsonb(s.backoff) for s in new],
-                [s.kind for s in new],
-                [Jsonb(list(s.dependants)) for s in new],
-                [s.waiting_on for s in new],
-                [s.map_over for s in new],
-                [s.parent_step for s in new],
-                [s.item_index for s in new],
-                [_jsonb(s.item) for s in new],
-                [_jsonb(s.output) for s in new],
-                [s.fence for s in new],
-                [s.lease_expires_at for s in new],
-                [s.items_total for s in new],
-            ),
-        )
+        conn.execute(q.INSERT_STEPS, (run.run_id, json_text([_new_step_doc(s) for s in new])))
     changed = [s for s in t.steps.values() if s.dirty and not s.new]
     assert all(s.ctid for s in changed), "a changed step was not read under this lock"
-    # Rows go as one JSON document each (steps, events, outbox), not one typed array per
-    # column: dumping thirty arrays cost more client CPU than the rest of the command.
+    # Rows and lists go as JSON documents (steps, events, outbox, keys), not typed arrays:
+    # psycopg dumps an array element by element in Python, and thirty of them cost more
+    # client CPU than the rest of the command; json.dumps is C.
     outbox = conn.execute(
         q.WRITE_CHANGES,
         {
@@ -78,10 +56,10 @@ def write(
             "command": command.model_dump_json(),
             "first_seq": first,
             "last_seq": last,
-            "spent": [command.idempotency_key, *t.spent_keys],
+            "spent": json_text([command.idempotency_key, *t.spent_keys]),
             "grace": grace,
-            "s_ctid": [s.ctid for s in changed],
-            "steps": _json([_step_doc(s) for s in changed]),
+            "s_ctid": _tids(s.ctid for s in changed),
+            "steps": json_text([_step_doc(s) for s in changed]),
             "r_status": run.status,
             "r_output": _json_or_null(run.output),
             "r_error": _json_or_null(run.error),
@@ -90,7 +68,7 @@ def write(
             "r_completed": run.steps_completed,
             "r_active": run.steps_active,
             "r_failed": run.steps_failed,
-            "events": _json(
+            "events": json_text(
                 [
                     {
                         "type": e.type,
@@ -101,7 +79,7 @@ def write(
                     for e in t.events
                 ]
             ),
-            "outbox": _json(
+            "outbox": json_text(
                 [
                     {
                         "run_id": f.command.run_id,
@@ -187,16 +165,45 @@ def _jsonb(value: Any) -> Jsonb | None:
     return None if value is None else Jsonb(value)
 
 
-def _json(value: Any) -> str:
+def json_text(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
 def _json_or_null(value: Any) -> str | None:
-    return None if value is None else _json(value)
+    return None if value is None else json_text(value)
 
 
 def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat()
+
+
+def _tids(ctids: Iterable[str | None]) -> str:
+    """A tid[] literal: ctids are `(block,offset)`, nothing in them needs quoting."""
+    return "{" + ",".join(f'"{c}"' for c in ctids) + "}"
+
+
+def _new_step_doc(s: StepRow) -> dict[str, Any]:
+    return {
+        "step_key": s.step_key,
+        "status": s.status,
+        "attempt": s.attempt,
+        "max_attempts": s.max_attempts,
+        "depends_on": list(s.depends_on),
+        "queue": s.queue,
+        "timeout_seconds": s.timeout_seconds,
+        "backoff": s.backoff,
+        "kind": s.kind,
+        "dependants": list(s.dependants),
+        "waiting_on": s.waiting_on,
+        "map_over": s.map_over,
+        "parent_step": s.parent_step,
+        "item_index": s.item_index,
+        "item": s.item,
+        "output": s.output,
+        "fence": s.fence,
+        "lease_expires_at": _iso(s.lease_expires_at),
+        "items_total": s.items_total,
+    }
 
 
 def _step_doc(s: StepRow) -> dict[str, Any]:
