@@ -176,6 +176,7 @@ class _ExecutorWorkerMixin(_Base):
         self._loop_depth = 0
         self._loop_error: Exception | None = None
         self._beaten_at = float("-inf")
+        self._state_written: str | None = None
         kwargs["serializer"] = JSONCommandSerializer
         # Forced like the serializer: rq's CLI passes plain Queue objects (and its default
         # queue class), whose dequeue stops the worker on a malformed entry.
@@ -255,6 +256,16 @@ class _ExecutorWorkerMixin(_Base):
             super().heartbeat(timeout, pipeline)
             if timeout is None:
                 self._beaten_at = now
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        """RQ's, without the second of two writes of the same state in a row: a simple
+        worker marks itself idle after each job and again as it starts to listen, a round
+        trip a job. A write in a pipeline always goes."""
+        if pipeline is None and state == self._state_written:
+            self._state = state
+            return
+        super().set_state(state, pipeline)
+        self._state_written = state if pipeline is None else None
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         """RQ's, but without the job's last heartbeat when the job has succeeded, is plain
