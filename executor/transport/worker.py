@@ -70,15 +70,16 @@ import psycopg
 import redis
 from rq.exceptions import StopRequested
 from rq.intermediate_queue import IntermediateQueue
-from rq.job import Job, JobStatus
+from rq.job import Job
 from rq.queue import Queue
-from rq.utils import import_attribute, now
+from rq.utils import import_attribute
 from rq.worker import BaseWorker, SimpleWorker, Worker
 
 from executor.commands.models import COMMAND_TYPES
 from executor.errors import ConfigurationError, ExecutorError, InvalidCommand
 from executor.recovery.leader import Leader
-from executor.transport import finish, jobs
+from executor.transport import jobs
+from executor.transport.bookkeeping import LeanBookkeeping
 from executor.transport.dispatch import DELIVER
 from executor.transport.entries import (
     MalformedEntry,
@@ -155,7 +156,7 @@ else:
     _Base = object
 
 
-class _ExecutorWorkerMixin(_Base):
+class _ExecutorWorkerMixin(LeanBookkeeping, _Base):
     """The behaviour both worker classes share; see the module docstring."""
 
     allowed_functions: ClassVar[frozenset[str]] = ALLOWED_FUNCTIONS
@@ -176,7 +177,6 @@ class _ExecutorWorkerMixin(_Base):
         self._loop_depth = 0
         self._loop_error: Exception | None = None
         self._beaten_at = float("-inf")
-        self._state_written: str | None = None
         kwargs["serializer"] = JSONCommandSerializer
         # Forced like the serializer: rq's CLI passes plain Queue objects (and its default
         # queue class), whose dequeue stops the worker on a malformed entry.
@@ -256,50 +256,6 @@ class _ExecutorWorkerMixin(_Base):
             super().heartbeat(timeout, pipeline)
             if timeout is None:
                 self._beaten_at = now
-
-    def set_state(self, state: str, pipeline: Any = None) -> None:
-        """RQ's, without the second of two writes of the same state in a row: a simple
-        worker marks itself idle after each job and again as it starts to listen, a round
-        trip a job. A write in a pipeline always goes."""
-        if pipeline is None and state == self._state_written:
-            self._state = state
-            return
-        super().set_state(state, pipeline)
-        self._state_written = state if pipeline is None else None
-
-    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
-        """RQ's, but without the job's last heartbeat when the job has succeeded, is plain
-        and has no success callback: the hash that beat would land in is deleted by the
-        next round trip (`finish`)."""
-        if (
-            job.get_status(refresh=False) != JobStatus.FAILED
-            and not job.success_callback
-            and finish.plain(job, self.default_result_ttl)
-        ):
-            job.ended_at = now()
-            return
-        super().handle_execution_ended(job, queue, heartbeat_ttl)
-
-    def handle_job_success(
-        self,
-        job: Job,
-        queue: Queue,
-        started_job_registry: Any,
-        execution: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        """RQ's bookkeeping for a succeeded job, in one round trip for a plain job of ours
-        (see `finish`); anything else goes through RQ's own."""
-        if execution is not None and not kwargs and finish.plain(job, self.default_result_ttl):
-            finish.finish_plain(self, job, execution)
-            return
-        super().handle_job_success(
-            job=job,
-            queue=queue,
-            started_job_registry=started_job_registry,
-            execution=execution,
-            **kwargs,
-        )
 
     # --- screening ---------------------------------------------------------------------------
 

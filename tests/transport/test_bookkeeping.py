@@ -1,4 +1,4 @@
-"""RQ's success bookkeeping for a plain job in one round trip (`executor.transport.finish`).
+"""RQ's success bookkeeping for a plain job in one round trip (`executor.transport.bookkeeping`).
 
 The tripwire for an RQ upgrade: the same job run by a worker with RQ's own
 `handle_job_success` and by one with ours leaves the same keys, of the same types, with the
@@ -17,7 +17,7 @@ from rq.job import Job, JobStatus
 from rq.utils import now
 from rq.worker import WorkerStatus
 
-from executor.transport import finish
+from executor.transport import bookkeeping
 from executor.transport.serializer import JSONCommandSerializer
 from executor.transport.worker import ExecutorWorker, _ExecutorWorkerMixin
 
@@ -131,7 +131,7 @@ def test_only_a_job_whose_result_is_discarded_at_once_is_plain(
 ) -> None:
     queue = Queue("q", connection=redis, serializer=JSONCommandSerializer)
     job = queue.enqueue("time.sleep", 0, **{"result_ttl": 0, **options})
-    assert finish.plain(job, default_result_ttl=0) is expected
+    assert bookkeeping.plain(job, default_result_ttl=0) is expected
 
 
 @pytest.mark.parametrize("result_ttl", [0, 60])
