@@ -101,6 +101,9 @@ ALLOWED_FUNCTIONS = frozenset({DELIVER})
 BEAT_AT_MOST_EVERY = 1.0
 """Seconds between RQ worker heartbeats sent on their own (see heartbeat)."""
 
+SUSPENSION_ASKED_EVERY = 1.0
+"""Seconds between asking Redis whether the workers are suspended (see check_for_suspension)."""
+
 
 class WorkerDied(ExecutorError):
     """The worker's loop died of an unexpected exception (logged above); restart the worker."""
@@ -177,6 +180,7 @@ class _ExecutorWorkerMixin(LeanBookkeeping, _Base):
         self._loop_depth = 0
         self._loop_error: Exception | None = None
         self._beaten_at = float("-inf")
+        self._suspension_asked_at = float("-inf")
         kwargs["serializer"] = JSONCommandSerializer
         # Forced like the serializer: rq's CLI passes plain Queue objects (and its default
         # queue class), whose dequeue stops the worker on a malformed entry.
@@ -239,8 +243,14 @@ class _ExecutorWorkerMixin(LeanBookkeeping, _Base):
             self._loop_depth -= 1
 
     def check_for_suspension(self, burst: bool) -> None:
+        """RQ's, asked at most once a second. RQ asks Redis before every job whether an
+        operator suspended the workers (`rq suspend`), a round trip a job; a suspension is
+        now obeyed within a second, and while suspended the worker waits as RQ's does."""
         with self._loop_step():
+            if time.monotonic() - self._suspension_asked_at < SUSPENSION_ASKED_EVERY:
+                return
             super().check_for_suspension(burst)
+            self._suspension_asked_at = time.monotonic()
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         """RQ's heartbeat, at most once a second when it would cost round trips of its own.

@@ -13,11 +13,14 @@ import pytest
 import redis as redis_lib
 from redis.connection import AbstractConnection
 from rq import Queue, SimpleWorker
+from rq.exceptions import StopRequested
 from rq.job import Job, JobStatus
+from rq.suspension import suspend
 from rq.utils import now
 from rq.worker import WorkerStatus
 
 from executor.transport import bookkeeping
+from executor.transport import worker as worker_module
 from executor.transport.serializer import JSONCommandSerializer
 from executor.transport.worker import ExecutorWorker, _ExecutorWorkerMixin
 
@@ -181,3 +184,20 @@ def test_a_worker_does_not_write_the_state_it_last_wrote(redis: redis_lib.Redis)
     assert _Writes.count - before == 2
     assert redis.hget(worker.key, "state") == b"busy"
     assert worker.get_state() == WorkerStatus.BUSY
+
+
+def test_a_worker_asks_whether_it_is_suspended_at_most_once_a_second(
+    redis: redis_lib.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(worker_module.time, "monotonic", lambda: clock[0])
+    worker = ExecutorWorker([Queue("q", connection=redis)], connection=redis, name="w")
+    before = _Writes.count
+    worker.check_for_suspension(burst=True)
+    worker.check_for_suspension(burst=True)  # the next job, a moment later
+    assert _Writes.count - before == 1
+    suspend(redis)
+    worker.check_for_suspension(burst=True)  # not asked yet: within the second
+    clock[0] += worker_module.SUSPENSION_ASKED_EVERY
+    with pytest.raises(StopRequested):  # RQ's answer to a suspended burst worker
+        worker.check_for_suspension(burst=True)
