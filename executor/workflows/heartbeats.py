@@ -23,7 +23,9 @@ class Heartbeats:
 
     A thread of its own per attempt cost more to start and join than a no-op step costs to
     run; this one sleeps until the next beat is due, so a step shorter than the interval
-    never beats at all.
+    never beats at all. A new attempt wakes it only when it falls due before the thread
+    would wake anyway (idle, the thread wakes once an interval): waking it for every step
+    cost a thread switch a step.
     """
 
     def __init__(self) -> None:
@@ -31,6 +33,8 @@ class Heartbeats:
         self._due: dict[int, tuple[float, float, Callable[[], bool], threading.Event]] = {}
         self._next_id = 0
         self._thread: threading.Thread | None = None
+        self._wakes_at = float("-inf")  # while the thread waits: when it will wake
+        self._shortest = 60.0  # the shortest interval watched: how long an idle thread waits
 
     @contextmanager
     def watch(
@@ -39,13 +43,16 @@ class Heartbeats:
         with self._lock:
             self._next_id += 1
             ident = self._next_id
-            self._due[ident] = (time.monotonic() + interval, interval, beat, lost)
+            due = time.monotonic() + interval
+            self._due[ident] = (due, interval, beat, lost)
+            self._shortest = min(self._shortest, interval)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._loop, name="executor-heartbeat", daemon=True
                 )
                 self._thread.start()
-            self._lock.notify()
+            elif due < self._wakes_at:
+                self._lock.notify()
         try:
             yield
         finally:
@@ -58,8 +65,12 @@ class Heartbeats:
                 now = time.monotonic()
                 ready = [(i, d) for i, d in self._due.items() if d[0] <= now]
                 if not ready:
-                    soonest = min((d[0] for d in self._due.values()), default=now + 60.0)
+                    # Idle, it still wakes one interval on: an attempt that starts meanwhile
+                    # is due after that, and need not wake it.
+                    soonest = min((d[0] for d in self._due.values()), default=now + self._shortest)
+                    self._wakes_at = soonest
                     self._lock.wait(max(0.0, soonest - now))
+                    self._wakes_at = float("-inf")  # not waiting: it looks again before it does
                     continue
                 for ident, (_, interval, beat, lost) in ready:
                     self._due[ident] = (now + interval, interval, beat, lost)
