@@ -1,6 +1,6 @@
 """The committing handler: the only code that writes runs, steps and events.
 
-One transaction per delivery, in two round trips (psycopg pipeline mode):
+One transaction per delivery, in two round trips (libpq's pipeline mode, `pipe.py`):
 
 1. lock the run row, read the idempotency key, and lock the rows the command names — its
    step, that step's dependants and its map (one call of `executor.lock_for_command`,
@@ -43,6 +43,7 @@ from executor.errors import LedgerBusy
 from executor.ledger import queries as q
 from executor.ledger import writes
 from executor.ledger.outcome import EventRef, OutboxItem, Outcome, StepContext
+from executor.ledger.pipe import Pipe, Result, transaction
 from executor.ledger.rows import DbSource, key_state, run_from_row, step_from_row, timestamp
 from executor.storage.db import Pool
 
@@ -50,7 +51,12 @@ log = logging.getLogger("executor.ledger")
 
 Conn = psycopg.Connection[dict[str, Any]]
 
-_RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.UniqueViolation)
+_RETRYABLE = (
+    pg_errors.SerializationFailure,
+    pg_errors.DeadlockDetected,
+    pg_errors.UniqueViolation,
+    pg_errors.InvalidSqlStatementName,  # prepared statements deallocated (pipe.py)
+)
 
 # Commands that may end a step, and so must see its dependants and its map.
 _OUTCOMES = frozenset({"complete_step", "wake_step", "child_finished"})
@@ -87,10 +93,8 @@ class _Pending:
 
     outcome: Outcome
     error: Exception | None = None
-    outbox: psycopg.Cursor[dict[str, Any]] | None = None
-    context: (
-        tuple[StepRow, Transition | dict[str, Any], psycopg.Cursor[dict[str, Any]] | None] | None
-    ) = None
+    outbox: Result | None = None
+    context: tuple[StepRow, Transition | dict[str, Any], Result | None] | None = None
 
 
 class Ledger:
@@ -228,14 +232,10 @@ class Ledger:
     # --- one transaction -----------------------------------------------------------------
 
     def _apply_once(self, command: Command) -> _Pending:
-        # BEGIN and COMMIT are sent by hand inside one pipeline: psycopg's transaction()
-        # block would sync after BEGIN and again after COMMIT, five round trips instead of two.
         with self.pool.connection() as conn:
             try:
-                with conn.pipeline() as pipeline:
-                    conn.execute("BEGIN")
-                    pending = self._decide_and_write(conn, pipeline, command)
-                    conn.execute("COMMIT")
+                with transaction(conn) as pipe:
+                    pending = self._decide_and_write(pipe, command)
             except BaseException:
                 if not conn.closed:
                     conn.rollback()
@@ -244,9 +244,7 @@ class Ledger:
                 _read_back(pending)
         return pending
 
-    def _decide_and_write(
-        self, conn: Conn, pipeline: psycopg.Pipeline, command: Command
-    ) -> _Pending:
+    def _decide_and_write(self, conn: Pipe, command: Command) -> _Pending:
         fence = getattr(command, "fence", None)
         launch_key = command.concurrency_key if isinstance(command, CreateRun) else None
         row = conn.execute(
@@ -294,14 +292,14 @@ class Ledger:
         if t.started is not None:
             context = (t.started, t, _upstream(conn, command.run_id, t.started, t))
         if self.hooks.before_commit or self.hooks.inside:
-            pipeline.sync()  # so the hook sees the writes done and the locks still held
-            if self.hooks.before_commit:
-                self.hooks.before_commit(command)
-            if self.hooks.inside:
-                self.hooks.inside(command, conn)
+            with conn.paused() as plain:  # the hook sees the writes done, the locks held
+                if self.hooks.before_commit:
+                    self.hooks.before_commit(command)
+                if self.hooks.inside:
+                    self.hooks.inside(command, plain)
         return _Pending(_applied(command, t), outbox=outbox, context=context)
 
-    def _duplicate(self, conn: Conn, command: Command, locked: dict[str, Any]) -> _Pending:
+    def _duplicate(self, conn: Pipe, command: Command, locked: dict[str, Any]) -> _Pending:
         received = timestamp(locked["received_at"])
         assert received is not None
         detail = f"key first delivered at {received.isoformat()} with outcome {locked['outcome']}"
@@ -319,9 +317,7 @@ class Ledger:
         run = locked["run"]
         return _Pending(outcome, context=(owned, run, _upstream(conn, command.run_id, owned, None)))
 
-    def _record_refusal(
-        self, conn: Conn, command: Command, drop: Drop
-    ) -> psycopg.Cursor[dict[str, Any]] | None:
+    def _record_refusal(self, conn: Pipe, command: Command, drop: Drop) -> Result | None:
         if drop.reason not in TRANSIENT_REASONS:
             conn.execute(
                 q.INSERT_RECEIPT,
@@ -364,7 +360,7 @@ def _ids(command: Command) -> tuple[Any, ...]:
     )
 
 
-def _insert_drop(conn: Conn, command: Command, reason: str, detail: str) -> None:
+def _insert_drop(conn: Conn | Pipe, command: Command, reason: str, detail: str) -> None:
     key, run_id, step_key, attempt, kind = _ids(command)
     conn.execute(
         q.INSERT_DROP,
@@ -382,9 +378,7 @@ def _insert_drop(conn: Conn, command: Command, reason: str, detail: str) -> None
     )
 
 
-def _upstream(
-    conn: Conn, run_id: str, step: StepRow, t: Transition | None
-) -> psycopg.Cursor[dict[str, Any]] | None:
+def _upstream(conn: Pipe, run_id: str, step: StepRow, t: Transition | None) -> Result | None:
     """Outputs of the started step's upstream not already in hand, read in the commit's round
     trip (None: nothing to read). Completed steps never change, so any snapshot would do.
     A step whose depends_on was left out of its locked row (a long one) has it read here."""

@@ -13,13 +13,10 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-import psycopg
-
 from executor.commands.state import RunEvent, RunRow, StepRow
 from executor.commands.transition import KeyState
 from executor.ledger import queries as q
-
-Conn = psycopg.Connection[dict[str, Any]]
+from executor.ledger.pipe import Pipe
 
 
 def timestamp(value: str | datetime | None) -> datetime | None:
@@ -96,7 +93,7 @@ class DbSource:
     """The handler's `RowSource`: reads on the command's own transaction."""
 
     def __init__(
-        self, conn: Conn, run_id: str, *, launch_key: KeyState | None = None, limit: int = 1
+        self, conn: Pipe, run_id: str, *, launch_key: KeyState | None = None, limit: int = 1
     ) -> None:
         self.conn = conn
         self.run_id = run_id

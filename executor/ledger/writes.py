@@ -14,20 +14,16 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-import psycopg
 from psycopg.types.json import Jsonb
 
 from executor.commands.models import Command, wire
 from executor.commands.state import RunRow, StepRow
 from executor.commands.transition import OtherRun, Transition
 from executor.ledger import queries as q
+from executor.ledger.pipe import Pipe, Result
 
-Conn = psycopg.Connection[dict[str, Any]]
 
-
-def write(
-    conn: Conn, command: Command, t: Transition, *, grace: float
-) -> psycopg.Cursor[dict[str, Any]]:
+def write(conn: Pipe, command: Command, t: Transition, *, grace: float) -> Result:
     """Queue every write of `t` on the pipeline; returns the outbox RETURNING cursor."""
     run = t.run
     first = run.last_seq + 1
@@ -116,7 +112,7 @@ def write(
     return outbox
 
 
-def _insert_run(conn: Conn, run: RunRow, last_seq: int) -> None:
+def _insert_run(conn: Pipe, run: RunRow, last_seq: int) -> None:
     conn.execute(
         q.INSERT_RUN,
         (
@@ -137,7 +133,7 @@ def _insert_run(conn: Conn, run: RunRow, last_seq: int) -> None:
     )
 
 
-def _write_other(conn: Conn, other: OtherRun) -> None:
+def _write_other(conn: Pipe, other: OtherRun) -> None:
     run = other.run
     first = run.last_seq + 1
     last = run.last_seq + len(other.events)
