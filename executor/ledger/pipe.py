@@ -273,10 +273,9 @@ def _roll_back(pipe: Pipe) -> bool:
     """
     try:
         pipe.sync()
-    except psycopg.OperationalError:
-        return False
-    except psycopg.Error:
-        pass
+    except psycopg.Error as exc:
+        if exc is not pipe.error:  # not the server's error again: the connection failed
+            return False
     if pipe._expected:
         return False
     pipe.error = None

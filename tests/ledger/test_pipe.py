@@ -95,6 +95,21 @@ def test_a_server_error_rolls_back_and_keeps_the_prepared_statements(conn: Conn)
     assert prepared <= _ours(conn)  # rolled back without psycopg's DEALLOCATE ALL
 
 
+def test_a_server_error_of_the_operational_kind_also_keeps_the_connection(conn: Conn) -> None:
+    """A statement timeout is an OperationalError in psycopg's hierarchy, like a lost
+    connection, but the server sent it: the protocol is intact and the connection stays."""
+
+    def time_out() -> None:
+        with pipe.transaction(conn) as p:
+            p.execute("SELECT set_config('statement_timeout', '10ms', true)")
+            p.execute("SELECT pg_sleep(5)").fetchall()
+
+    with pytest.raises(pg_errors.QueryCanceled):
+        time_out()
+    assert not conn.closed
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
 def test_an_exception_between_round_trips_closes_the_connection(conn: Conn) -> None:
     def fail() -> None:
         with pipe.transaction(conn) as p:
