@@ -232,14 +232,10 @@ class Ledger:
     # --- one transaction -----------------------------------------------------------------
 
     def _apply_once(self, command: Command) -> _Pending:
+        # transaction() leaves the connection idle (committed or rolled back) or closed.
         with self.pool.connection() as conn:
-            try:
-                with transaction(conn) as pipe:
-                    pending = self._decide_and_write(pipe, command)
-            except BaseException:
-                if not conn.closed:
-                    conn.rollback()
-                raise
+            with transaction(conn) as pipe:
+                pending = self._decide_and_write(pipe, command)
             if pending.context is not None or pending.outbox is not None:
                 _read_back(pending)
         return pending

@@ -98,12 +98,11 @@ _names = itertools.count()
 class Result:
     """The rows of one queued statement, once its round trip has brought them."""
 
-    __slots__ = ("_pipe", "_rows", "rowcount")
+    __slots__ = ("_pipe", "_rows")
 
     def __init__(self, pipe: Pipe) -> None:
         self._pipe = pipe
         self._rows: list[Row] | None = None
-        self.rowcount = -1
 
     def _arrived(self) -> list[Row]:
         if self._rows is None:
@@ -218,9 +217,6 @@ class Pipe:
                 self._prepared[key] = name
             return
         expected._rows = self._load(res) if status == pq.ExecStatus.TUPLES_OK else []
-        if status in _OK:
-            tuples = res.command_tuples
-            expected.rowcount = -1 if tuples is None else tuples
 
     def _load(self, res: PGresult) -> list[Row]:
         count = res.ntuples

@@ -24,7 +24,7 @@ from executor.ledger.pipe import Pipe, Result
 
 
 def write(conn: Pipe, command: Command, t: Transition, *, grace: float) -> Result:
-    """Queue every write of `t` on the pipeline; returns the outbox RETURNING cursor."""
+    """Queue every write of `t` on the pipeline; returns the outbox RETURNING result."""
     run = t.run
     first = run.last_seq + 1
     last = run.last_seq + len(t.events)
