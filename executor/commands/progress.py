@@ -47,6 +47,7 @@ def queue(t: Transition, step: StepRow, **payload: Any) -> None:
     step.next_attempt_at = None
     step.error = None
     step.wake_at = None
+    step.child_run_id = None  # an earlier attempt's child; this attempt starts its own
     t.emit("step_queued", step, **payload)
     t.followups.append(
         FollowUp(

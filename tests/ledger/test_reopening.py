@@ -142,6 +142,40 @@ def test_a_parent_fails_only_after_its_child_reports_and_a_retry_then_completes_
     assert_verified(pool)
 
 
+def test_a_retried_child_step_forgets_the_failed_child_of_its_earlier_attempt(pool: Pool) -> None:
+    """Found by the property test: attempt 1 of a child step ends with its failed child; the
+    operator's retry runs attempt 2, whose worker completes the step without a child. The
+    step must not stay linked to attempt 1's child, or it reads as completed by a failed
+    run (verify: child_link)."""
+    ledger = Ledger(pool)
+    launch(ledger, StepSpec(step_key="kid", max_attempts=1, kind="child"))
+    until = AwaitChild(workflow="child", input={"n": 1})
+    ok(ledger, SuspendStep(run_id="r1", step_key="kid", attempt=1, fence="f-kid", until=until))
+    child = "r1.kid.1"
+    ok(ledger, StartRun(run_id=child, workflow="child", steps=(StepSpec(step_key="c"),)))
+    ok(ledger, StartStep(run_id=child, step_key="c", attempt=1, fence="f-c"))
+    ended = ok(
+        ledger,
+        FailStep(run_id=child, step_key="c", attempt=1, fence="f-c", error="x", retryable=False),
+    )
+    [report] = [parse_obj(f.command) for f in ended.followups]
+    assert [e.type for e in ok(ledger, report).events] == ["step_failed", "run_failed"]
+
+    ok(ledger, RetryStep(run_id="r1", step_key="kid", idempotency_key="retry-kid"))
+    ok(ledger, StartStep(run_id="r1", step_key="kid", attempt=2, fence="f-kid2"))
+    done = ok(
+        ledger, CompleteStep(run_id="r1", step_key="kid", attempt=2, fence="f-kid2", output=1)
+    )
+    assert done.run_status == "completed"
+    with pool.connection() as conn:
+        row = conn.execute(
+            "SELECT child_run_id FROM executor.steps WHERE run_id = 'r1' AND step_key = 'kid'"
+        ).fetchone()
+    assert row == {"child_run_id": None}
+    assert status(pool, child) == "failed"
+    assert_verified(pool)
+
+
 # --- an early dispatch -----------------------------------------------------------------------
 
 

@@ -255,6 +255,7 @@ def _within_budget(run: RunState, ev: Event, step: StepState) -> Problem | None:
 def _new_attempt(run: RunState, ev: Event, step: StepState, before: str) -> None:
     step.attempt = ev.attempt or 0
     step.fence = None
+    step.child_run_id = None
     if run.reopen is not None and run.reopen[0] == ev.key and ev.manual:
         run.reopen = None
 
