@@ -34,6 +34,7 @@ from executor.commands.models import (
     StartStep,
     SuspendStep,
     WakeStep,
+    field_of,
     unplanned_start,
 )
 from executor.commands.state import RUN_TERMINAL, STEP_TERMINAL, RunRow, StepRow
@@ -65,7 +66,7 @@ def decide(
         return _create_run(command, now, lease_seconds, source)
     if run is None:
         raise Drop("unknown_entity", f"no run {command.run_id}")
-    t = Transition(run, steps, source, now, lease_seconds, fence=getattr(command, "fence", None))
+    t = Transition(run, steps, source, now, lease_seconds, fence=field_of(command, "fence", None))
     if run.status == "queued" and not isinstance(command, CancelRun | SendEvent):
         raise Drop("invalid_transition", "run is queued for a concurrency slot")
 

@@ -36,7 +36,7 @@ from psycopg.types.json import Jsonb
 
 from executor import observability
 from executor.commands.machine import decide
-from executor.commands.models import Command, CreateRun, wire
+from executor.commands.models import Command, CreateRun, field_of, wire
 from executor.commands.state import TRANSIENT_REASONS, StepRow
 from executor.commands.transition import Drop, Transition
 from executor.errors import LedgerBusy
@@ -232,27 +232,32 @@ class Ledger:
     # --- one transaction -----------------------------------------------------------------
 
     def _apply_once(self, command: Command) -> _Pending:
-        # transaction() leaves the connection idle (committed or rolled back) or closed.
-        with self.pool.connection() as conn:
+        # transaction() leaves the connection idle (committed or rolled back) or closed, so
+        # it goes back as it is: the pool's context manager would also commit it, a no-op
+        # on an autocommit connection that still costs a lock and a status check.
+        conn = self.pool.getconn()
+        try:
             with transaction(conn) as pipe:
                 pending = self._decide_and_write(pipe, command)
-            if pending.context is not None or pending.outbox is not None:
-                _read_back(pending)
+        finally:
+            self.pool.putconn(conn)
+        if pending.context is not None or pending.outbox is not None:
+            _read_back(pending)
         return pending
 
     def _decide_and_write(self, conn: Pipe, command: Command) -> _Pending:
-        fence = getattr(command, "fence", None)
+        fence = field_of(command, "fence", None)
         launch_key = command.concurrency_key if isinstance(command, CreateRun) else None
         row = conn.execute(
             q.LOCK_FOR_COMMAND,
             (
                 command.run_id,
                 command.idempotency_key,
-                getattr(command, "step_key", None),
+                field_of(command, "step_key", None),
                 fence,
                 launch_key,
-                getattr(command, "concurrency_limit", 1),
-                getattr(command, "continue_with", None),
+                field_of(command, "concurrency_limit", 1),
+                field_of(command, "continue_with", None),
                 command.type in _OUTCOMES,
             ),
         ).fetchone()
@@ -272,7 +277,7 @@ class Ledger:
         if launch_key is not None and locked["key"] is not None:
             launch = key_state(launch_key, locked["key"])
         source = DbSource(
-            conn, command.run_id, launch_key=launch, limit=getattr(command, "concurrency_limit", 1)
+            conn, command.run_id, launch_key=launch, limit=field_of(command, "concurrency_limit", 1)
         )
         try:
             t = decide(command, run, steps, now, self.lease_seconds, source)
@@ -319,7 +324,7 @@ class Ledger:
                 q.INSERT_RECEIPT,
                 (
                     *_ids(command),
-                    Jsonb(command.model_dump(mode="json")),
+                    Jsonb(wire(command)),
                     drop.reason,
                     drop.detail,
                     None,
@@ -350,8 +355,8 @@ def _ids(command: Command) -> tuple[Any, ...]:
     return (
         command.idempotency_key,
         command.run_id,
-        getattr(command, "step_key", None),
-        getattr(command, "attempt", None),
+        field_of(command, "step_key", None),
+        field_of(command, "attempt", None),
         command.type,
     )
 

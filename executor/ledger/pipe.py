@@ -24,6 +24,7 @@ found missing empties this module's record for the connection, and the error
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import select
@@ -49,6 +50,23 @@ _POLL_OUT = select.POLLOUT | _POLL_IN
 # int2, int4, int8: psycopg picks the smallest type that holds the value; left to the server
 # to infer instead, so that one statement is prepared once whatever its numbers.
 _INTEGERS = frozenset({20, 21, 23})
+_SYNC, _FATAL, _ABORTED = (
+    pq.ExecStatus.PIPELINE_SYNC,
+    pq.ExecStatus.FATAL_ERROR,
+    pq.ExecStatus.PIPELINE_ABORTED,
+)
+_COMMAND_OK, _TUPLES_OK = pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK
+
+
+@functools.cache
+def _formats(count: int) -> tuple[PyFormat, ...]:
+    return (PyFormat.TEXT,) * count
+
+
+@functools.cache
+def _server_types(dumped: tuple[int, ...]) -> tuple[int, ...]:
+    """The parameter types a statement is prepared with: psycopg's, integers left out."""
+    return tuple(0 if oid in _INTEGERS else oid for oid in dumped)
 
 
 class _Statement:
@@ -93,6 +111,8 @@ _statements: dict[str, _Statement] = {}
 _Key = tuple[bytes, tuple[int, ...]]
 _prepared: weakref.WeakKeyDictionary[Conn, dict[_Key, bytes]] = weakref.WeakKeyDictionary()
 _names = itertools.count()
+# Per connection: a poll object on its socket, which lives as long as the connection does.
+_polls: weakref.WeakKeyDictionary[Conn, select.poll] = weakref.WeakKeyDictionary()
 
 
 class Result:
@@ -133,8 +153,11 @@ class Pipe:
         self._expected: deque[Result | tuple[_Key, bytes]] = deque()
         self._syncs = 0
         self.error: psycopg.Error | None = None
-        self._poll = select.poll()
-        self._poll.register(self._pg.socket, _POLL_IN)
+        poll = _polls.get(conn)
+        if poll is None:
+            poll = _polls[conn] = select.poll()
+            poll.register(self._pg.socket, _POLL_IN)
+        self._poll = poll
 
     def execute(
         self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None
@@ -147,8 +170,8 @@ class Pipe:
         dumped = None
         types: tuple[int, ...] = ()
         if values:
-            dumped = self._tx.dump_sequence(values, [PyFormat.TEXT] * len(values))
-            types = tuple(0 if oid in _INTEGERS else oid for oid in self._tx.types or ())
+            dumped = self._tx.dump_sequence(values, _formats(len(values)))
+            types = _server_types(self._tx.types or ())
         key = (statement.sql, types)
         name = self._prepared.get(key)
         if name is None:
@@ -196,27 +219,27 @@ class Pipe:
         if res is None:
             return  # the end of one statement's results
         status = res.status
-        if status == pq.ExecStatus.PIPELINE_SYNC:
+        if status == _SYNC:
             self._syncs -= 1
             return
         expected = self._expected.popleft()
-        if status == pq.ExecStatus.FATAL_ERROR:
+        if status == _FATAL:
             if self.error is None:
                 self.error = pg_errors.error_from_result(res, encoding=self.conn.info.encoding)
             if isinstance(self.error, pg_errors.InvalidSqlStatementName):
                 self._prepared.clear()  # deallocated behind our back (see module doc)
-        elif status == pq.ExecStatus.PIPELINE_ABORTED:
+        elif status == _ABORTED:
             pass
         elif status not in _OK:
             raise psycopg.InterfaceError(
                 f"unexpected result in a pipeline: {pq.ExecStatus(status).name}"
             )
         if isinstance(expected, tuple):
-            if status == pq.ExecStatus.COMMAND_OK:
+            if status == _COMMAND_OK:
                 key, name = expected
                 self._prepared[key] = name
             return
-        expected._rows = self._load(res) if status == pq.ExecStatus.TUPLES_OK else []
+        expected._rows = self._load(res) if status == _TUPLES_OK else []
 
     def _load(self, res: PGresult) -> list[Row]:
         count = res.ntuples
