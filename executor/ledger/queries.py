@@ -171,7 +171,7 @@ FROM jsonb_to_recordset(%s::jsonb) AS u(
 # Every write of an applied command in one statement: data-modifying CTEs share the
 # transaction (and its locks), and one statement is one parse/bind/dump instead of five.
 # Rows inserted earlier in the same transaction (a start_run's steps) are visible to it.
-WRITE_CHANGES = """
+_WRITE_RUN_AND_STEPS = """
 WITH receipt AS (
     INSERT INTO executor.receipts
         (idempotency_key, run_id, step_key, attempt, command_type, command, outcome,
@@ -179,13 +179,9 @@ WITH receipt AS (
     VALUES (%(key)s, %(run_id)s, %(step_key)s::text, %(attempt)s::int, %(command_type)s,
             %(command)s::jsonb, 'applied', %(first_seq)s, %(last_seq)s)
 ), spent AS (
-    DELETE FROM executor.outbox WHERE outbox_id IN (
-        SELECT o.outbox_id FROM jsonb_array_elements_text(%(spent)s::jsonb) AS k(key)
-        CROSS JOIN LATERAL (
-            SELECT outbox_id FROM executor.outbox
-            WHERE run_id = %(run_id)s AND idempotency_key = k.key
-            OFFSET 0
-        ) AS o)
+    -- Both columns of outbox_run bound: the index scan reads only the keys asked for.
+    DELETE FROM executor.outbox
+    WHERE run_id = %(run_id)s AND idempotency_key = ANY(%(spent)s::text[])
 ), changed_steps AS (
     UPDATE executor.steps AS s
     SET status = u.status, attempt = u.attempt, output = u.output, error = u.error,
@@ -205,21 +201,30 @@ WITH receipt AS (
     WHERE s.ctid = ANY(%(s_ctid)s::tid[]) AND s.step_key = u.step_key
 ), changed_run AS (
     UPDATE executor.runs
-    SET status = %(r_status)s, output = %(r_output)s::jsonb, error = %(r_error)s::jsonb,
+    SET status = %(r_status)s::text, output = %(r_output)s::jsonb, error = %(r_error)s::jsonb,
         last_seq = %(last_seq)s, concurrency_slot = %(r_slot)s,
         steps_total = %(r_total)s, steps_completed = %(r_completed)s,
         steps_active = %(r_active)s, steps_failed = %(r_failed)s,
-        updated_at = CASE WHEN status = %(r_status)s THEN updated_at ELSE now() END
+        updated_at = CASE WHEN status = %(r_status)s::text THEN updated_at ELSE now() END
     WHERE run_id = %(run_id)s
-), appended AS (
-    INSERT INTO executor.events (run_id, seq, type, step_key, attempt, idempotency_key, payload)
-    SELECT %(run_id)s, %(first_seq)s::bigint + u.n - 1, u.type, u.step_key, u.attempt, %(key)s,
-           coalesce(u.payload, '{}')
-    FROM ROWS FROM (
-        jsonb_to_recordset(%(events)s::jsonb)
-            AS (type text, step_key text, attempt int, payload jsonb)
-    ) WITH ORDINALITY AS u(type, step_key, attempt, payload, n)
-)
+)"""
+_APPEND_EVENTS = """
+INSERT INTO executor.events (run_id, seq, type, step_key, attempt, idempotency_key, payload)
+SELECT %(run_id)s, %(first_seq)s::bigint + u.n - 1, u.type, u.step_key, u.attempt, %(key)s,
+       coalesce(u.payload, '{}')
+FROM ROWS FROM (
+    jsonb_to_recordset(%(events)s::jsonb)
+        AS (type text, step_key text, attempt int, payload jsonb)
+) WITH ORDINALITY AS u(type, step_key, attempt, payload, n)
+"""
+# Most commands queue nothing: their statement leaves the outbox's insert out, and with it
+# the opening of the outbox and its indexes that an INSERT of no rows still costs.
+WRITE_CHANGES = _WRITE_RUN_AND_STEPS + _APPEND_EVENTS
+WRITE_CHANGES_AND_FOLLOWUPS = (
+    _WRITE_RUN_AND_STEPS
+    + ", appended AS ("
+    + _APPEND_EVENTS
+    + """)
 INSERT INTO executor.outbox
     (run_id, queue, idempotency_key, command, not_before, timeout_seconds, push_after)
 SELECT u.run_id, u.queue, u.idempotency_key, u.command, COALESCE(u.not_before, now()),
@@ -230,6 +235,7 @@ FROM jsonb_to_recordset(%(outbox)s::jsonb) AS u(
     timeout_seconds float8)
 RETURNING outbox_id, run_id, queue, idempotency_key, command, not_before, timeout_seconds
 """
+)
 
 # A second run the same transaction changes (a run admitted to a freed slot, or a child run
 # created by its parent's step): its row, its events and its own receipt.

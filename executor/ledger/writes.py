@@ -2,9 +2,9 @@
 
 The hot path (start or complete a step) is one statement of data-modifying CTEs
 (`WRITE_CHANGES`): receipt, changed steps, the run with its counters and new `last_seq`,
-the events, the outbox. Rarer transitions add a statement each for what only they do:
-creating a run or steps, keeping an external event, changing a second run, notifying
-waiters that a run ended.
+the events, and the outbox rows when there are follow-ups. Rarer transitions add a
+statement each for what only they do: creating a run or steps, keeping an external event,
+changing a second run, notifying waiters that a run ended.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from executor.commands.models import Command, wire
+from executor.commands.models import Command, field_of, wire
 from executor.commands.state import RunRow, StepRow
 from executor.commands.transition import OtherRun, Transition
 from executor.ledger import queries as q
 from executor.ledger.pipe import Pipe, Result
 
 
-def write(conn: Pipe, command: Command, t: Transition, *, grace: float) -> Result:
-    """Queue every write of `t` on the pipeline; returns the outbox RETURNING result."""
+def write(conn: Pipe, command: Command, t: Transition, *, grace: float) -> Result | None:
+    """Queue every write of `t` on the pipeline; returns the outbox rows it adds, if any."""
     run = t.run
     first = run.last_seq + 1
     last = run.last_seq + len(t.events)
@@ -41,55 +41,60 @@ def write(conn: Pipe, command: Command, t: Transition, *, grace: float) -> Resul
     # Rows and lists go as JSON documents (steps, events, outbox, keys), not typed arrays:
     # psycopg dumps an array element by element in Python, and thirty of them cost more
     # client CPU than the rest of the command; json.dumps is C.
-    outbox = conn.execute(
-        q.WRITE_CHANGES,
-        {
-            "key": command.idempotency_key,
-            "run_id": run.run_id,
-            "step_key": getattr(command, "step_key", None),
-            "attempt": getattr(command, "attempt", None),
-            "command_type": command.type,
-            "command": command.model_dump_json(),
-            "first_seq": first,
-            "last_seq": last,
-            "spent": json_text([command.idempotency_key, *t.spent_keys]),
-            "grace": grace,
-            "s_ctid": _tids(s.ctid for s in changed),
-            "steps": json_text([_step_doc(s) for s in changed]),
-            "r_status": run.status,
-            "r_output": _json_or_null(run.output),
-            "r_error": _json_or_null(run.error),
-            "r_slot": run.concurrency_slot,
-            "r_total": run.steps_total,
-            "r_completed": run.steps_completed,
-            "r_active": run.steps_active,
-            "r_failed": run.steps_failed,
-            "events": json_text(
-                [
+    params: dict[str, Any] = {
+        "key": command.idempotency_key,
+        "run_id": run.run_id,
+        "step_key": field_of(command, "step_key", None),
+        "attempt": field_of(command, "attempt", None),
+        "command_type": command.type,
+        # As its job carries it (`wire`): unset optional fields left out.
+        "command": command.model_dump_json(exclude_none=True),
+        "first_seq": first,
+        "last_seq": last,
+        "spent": text_array([command.idempotency_key, *t.spent_keys]),
+        "s_ctid": _tids(s.ctid for s in changed),
+        "steps": json_text([_step_doc(s) for s in changed]),
+        "r_status": run.status,
+        "r_output": _json_or_null(run.output),
+        "r_error": _json_or_null(run.error),
+        "r_slot": run.concurrency_slot,
+        "r_total": run.steps_total,
+        "r_completed": run.steps_completed,
+        "r_active": run.steps_active,
+        "r_failed": run.steps_failed,
+        "events": json_text(
+            [
+                _present(
                     {
                         "type": e.type,
                         "step_key": e.step_key,
                         "attempt": e.attempt,
                         "payload": e.payload,
                     }
-                    for e in t.events
-                ]
-            ),
-            "outbox": json_text(
-                [
-                    {
-                        "run_id": f.command.run_id,
-                        "queue": f.queue,
-                        "idempotency_key": f.command.idempotency_key,
-                        "command": wire(f.command),
-                        "not_before": _iso(f.not_before),
-                        "timeout_seconds": f.timeout_seconds,
-                    }
-                    for f in t.followups
-                ]
-            ),
-        },
-    )
+                )
+                for e in t.events
+            ]
+        ),
+    }
+    outbox = None
+    if t.followups:
+        params["grace"] = grace
+        params["outbox"] = json_text(
+            [
+                {
+                    "run_id": f.command.run_id,
+                    "queue": f.queue,
+                    "idempotency_key": f.command.idempotency_key,
+                    "command": wire(f.command),
+                    "not_before": _iso(f.not_before),
+                    "timeout_seconds": f.timeout_seconds,
+                }
+                for f in t.followups
+            ]
+        )
+        outbox = conn.execute(q.WRITE_CHANGES_AND_FOLLOWUPS, params)
+    else:
+        conn.execute(q.WRITE_CHANGES, params)
     if t.buffered:
         conn.execute(
             q.INSERT_RUN_EVENTS,
@@ -145,7 +150,7 @@ def _write_other(conn: Pipe, other: OtherRun) -> None:
             "key": other.receipt_key,
             "run_id": run.run_id,
             "command_type": other.receipt_command.type,
-            "command": Jsonb(other.receipt_command.model_dump(mode="json")),
+            "command": Jsonb(wire(other.receipt_command)),
             "first_seq": first,
             "last_seq": last,
             "status": run.status,
@@ -171,6 +176,13 @@ def _json_or_null(value: Any) -> str | None:
 
 def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat()
+
+
+def text_array(values: Iterable[str]) -> str:
+    """A text[] literal, every element quoted: psycopg dumps a list element by element in
+    Python. Inside quotes only a double quote and a backslash need escaping."""
+    quoted = (v.replace("\\", "\\\\").replace('"', '\\"') for v in values)
+    return "{" + ",".join(f'"{v}"' for v in quoted) + "}"
 
 
 def _tids(ctids: Iterable[str | None]) -> str:
@@ -203,20 +215,28 @@ def _new_step_doc(s: StepRow) -> dict[str, Any]:
 
 
 def _step_doc(s: StepRow) -> dict[str, Any]:
-    return {
-        "ctid": s.ctid,
-        "step_key": s.step_key,
-        "status": s.status,
-        "attempt": s.attempt,
-        "output": s.output,
-        "error": s.error,
-        "lease_expires_at": _iso(s.lease_expires_at),
-        "next_attempt_at": _iso(s.next_attempt_at),
-        "waiting_on": s.waiting_on,
-        "items_total": s.items_total,
-        "items_done": s.items_done,
-        "fence": s.fence,
-        "wake_at": _iso(s.wake_at),
-        "event_name": s.event_name,
-        "child_run_id": s.child_run_id,
-    }
+    return _present(
+        {
+            "ctid": s.ctid,
+            "step_key": s.step_key,
+            "status": s.status,
+            "attempt": s.attempt,
+            "output": s.output,
+            "error": s.error,
+            "lease_expires_at": _iso(s.lease_expires_at),
+            "next_attempt_at": _iso(s.next_attempt_at),
+            "waiting_on": s.waiting_on,
+            "items_total": s.items_total,
+            "items_done": s.items_done,
+            "fence": s.fence,
+            "wake_at": _iso(s.wake_at),
+            "event_name": s.event_name,
+            "child_run_id": s.child_run_id,
+        }
+    )
+
+
+def _present(doc: dict[str, Any]) -> dict[str, Any]:
+    """The keys with a value: jsonb_to_recordset reads a missing key as NULL, as it reads
+    null, and the server parses a document at some 200 instructions a byte."""
+    return {k: v for k, v in doc.items() if v is not None}

@@ -55,8 +55,14 @@ DECLARE r record;
 BEGIN
     FOR r IN SELECT conrelid::regclass AS t, conname FROM pg_constraint
              WHERE connamespace = 'executor'::regnamespace AND contype IN ('c', 'u', 'x')
+               AND conrelid <> 0
     LOOP
         EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', r.t, r.conname);
+    END LOOP;
+    FOR r IN SELECT contypid::regtype AS d, conname FROM pg_constraint
+             WHERE connamespace = 'executor'::regnamespace AND contypid <> 0
+    LOOP
+        EXECUTE format('ALTER DOMAIN %s DROP CONSTRAINT %I', r.d, r.conname);
     END LOOP;
     FOR r IN SELECT i.indexrelid::regclass AS idx FROM pg_index AS i
              JOIN pg_class AS c ON c.oid = i.indrelid

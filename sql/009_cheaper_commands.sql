@@ -1,0 +1,137 @@
+-- The first round trip, cheaper to build and to read. Its answer is json, not jsonb: the
+-- client only reads it, and text assembled from the rows skips building jsonb's binary
+-- tree and printing it out again. The step the command names is locked first and carries
+-- the keys of the rows an outcome also needs (its dependants, its map), so neither a start
+-- nor the completion of a step without dependants runs a query for keys. Every row a
+-- command locks here is locked after its run's row, which orders all of them; the others
+-- are still taken in key order.
+DROP FUNCTION executor.lock_for_command(text, text, text, text, text, integer, text, boolean);
+CREATE FUNCTION executor.lock_for_command(
+    p_run_id text, p_key text, p_step_key text, p_fence text, p_launch_key text,
+    p_launch_limit integer, p_also text, p_dependants boolean)
+RETURNS json
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_run json;
+    v_outcome text;
+    v_received timestamptz;
+    v_owned json;
+    v_key json;
+    v_limit integer;
+    v_keys text[];
+    v_i integer;
+    v_row json;
+    v_dependants text[];
+    v_parent text;
+    v_rows json[] := '{}';
+BEGIN
+    SELECT to_json(r) INTO v_run FROM executor.runs AS r WHERE run_id = p_run_id FOR UPDATE;
+    IF v_run IS NULL AND p_launch_key IS NOT NULL THEN
+        -- A launch has no run row to lock; the key's row orders it, and is taken before the
+        -- receipt is read so a concurrent copy of the same launch is seen as a duplicate.
+        INSERT INTO executor.concurrency_keys (concurrency_key, concurrency_limit)
+        VALUES (p_launch_key, p_launch_limit) ON CONFLICT DO NOTHING;
+        SELECT concurrency_limit INTO v_limit FROM executor.concurrency_keys
+        WHERE concurrency_key = p_launch_key FOR UPDATE;
+    END IF;
+    SELECT outcome, received_at INTO v_outcome, v_received
+    FROM executor.receipts WHERE idempotency_key = p_key;
+    IF v_outcome IS NOT NULL THEN
+        IF p_fence IS NOT NULL AND v_run IS NOT NULL THEN
+            SELECT to_json(r) INTO v_owned FROM (
+                SELECT s.*, s.ctid::text AS ctid FROM executor.steps AS s
+                WHERE s.run_id = p_run_id AND s.status = 'running' AND s.fence = p_fence
+                LIMIT 1
+            ) AS r;
+        END IF;
+    ELSIF v_run IS NOT NULL AND p_step_key IS NOT NULL THEN
+        -- Each row by its whole primary key: asked for all at once (a join, or
+        -- step_key = ANY), a planner that believes a run has few steps reads every step of
+        -- the run to find them. Only an outcome needs the dependants and the map: a start
+        -- changes its step alone.
+        v_keys := ARRAY[p_step_key];
+        v_i := 1;
+        WHILE v_i <= cardinality(v_keys) LOOP
+            -- Every column, but depends_on only when short: a join's may be thousands of
+            -- keys, locked by each of its upstream steps' completions. Its length always.
+            SELECT to_json(r), r.dependants, r.parent_step INTO v_row, v_dependants, v_parent
+            FROM (
+                SELECT x.step_key, x.status, x.attempt, x.max_attempts, x.queue,
+                       x.timeout_seconds, x.backoff, x.output, x.error, x.lease_expires_at,
+                       x.next_attempt_at, x.kind, x.dependants, x.waiting_on, x.map_over,
+                       x.parent_step, x.item_index, x.item, x.items_total, x.items_done,
+                       x.fence, x.wake_at, x.event_name, x.child_run_id,
+                       CASE WHEN cardinality(x.depends_on) <= 64 THEN x.depends_on END
+                           AS depends_on,
+                       cardinality(x.depends_on) AS upstreams, x.ctid::text AS ctid
+                FROM executor.steps AS x
+                WHERE x.run_id = p_run_id AND x.step_key = v_keys[v_i]
+                FOR UPDATE OF x
+            ) AS r;
+            -- Gathered in an array, which plpgsql appends to in place; appending to json
+            -- itself copies it each time, quadratic in a fan-out of thousands.
+            IF v_row IS NOT NULL THEN
+                v_rows := array_append(v_rows, v_row);
+            END IF;
+            -- The others in key order, after the one named (the run's lock orders them all).
+            IF v_i = 1 AND (p_also IS NOT NULL OR (p_dependants AND v_row IS NOT NULL
+                    AND (cardinality(v_dependants) > 0 OR v_parent IS NOT NULL))) THEN
+                IF NOT p_dependants OR v_row IS NULL THEN
+                    v_dependants := '{}';
+                    v_parent := NULL;
+                END IF;
+                v_keys := v_keys || ARRAY(
+                    SELECT DISTINCT k FROM unnest(v_dependants || v_parent || p_also) AS k
+                    WHERE k IS NOT NULL AND k <> p_step_key ORDER BY k);
+            END IF;
+            v_i := v_i + 1;
+        END LOOP;
+    ELSIF v_run IS NULL AND p_launch_key IS NOT NULL THEN
+        SELECT json_build_object(
+            'limit', v_limit,
+            'holders', (
+                SELECT coalesce(json_object_agg(concurrency_slot::text, run_id), '{}')
+                FROM executor.runs
+                WHERE concurrency_key = p_launch_key AND concurrency_slot IS NOT NULL),
+            'queued', (
+                SELECT count(*) FROM executor.runs
+                WHERE concurrency_key = p_launch_key AND status = 'queued'))
+        INTO v_key;
+    END IF;
+    RETURN json_build_object(
+        'run', v_run,
+        'steps', array_to_json(v_rows),
+        'outcome', v_outcome,
+        'received_at', v_received,
+        'owned', v_owned,
+        'key', v_key,
+        'now', clock_timestamp()
+    );
+END
+$$;
+
+-- Every command rewrites its run's row and writes a receipt. Postgres reads a table's CHECK
+-- constraints anew from their stored node trees for each statement that writes the table,
+-- and for a list of values that tree is long (each byte of the array constant is a number
+-- in it): the two lists here were a tenth of a command's server time. A domain's checks are
+-- kept parsed in the type cache, and one on a column no statement assigns costs nothing.
+-- Steps and events keep their CHECKs: each is written by fewer statements a command.
+CREATE DOMAIN executor.run_status AS text CHECK (VALUE IN (
+    'queued', 'pending', 'running', 'paused', 'completed', 'failed', 'cancelled'));
+CREATE DOMAIN executor.receipt_outcome AS text CHECK (VALUE IN (
+    'applied', 'duplicate', 'stale_attempt', 'terminal', 'invalid_transition',
+    'unknown_entity', 'invalid_payload'));
+CREATE DOMAIN executor.concurrency_limit AS integer CHECK (VALUE BETWEEN 1 AND 10000);
+
+ALTER TABLE executor.runs
+    DROP CONSTRAINT runs_status_check,
+    ALTER COLUMN status TYPE executor.run_status,
+    DROP CONSTRAINT runs_concurrency_limit_check,
+    ALTER COLUMN concurrency_limit TYPE executor.concurrency_limit;
+ALTER TABLE executor.receipts
+    DROP CONSTRAINT receipts_outcome_check,
+    ALTER COLUMN outcome TYPE executor.receipt_outcome;
+ALTER TABLE executor.concurrency_keys
+    DROP CONSTRAINT concurrency_keys_concurrency_limit_check,
+    ALTER COLUMN concurrency_limit TYPE executor.concurrency_limit;

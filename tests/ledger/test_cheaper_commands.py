@@ -1,0 +1,158 @@
+"""What migration 009 and the leaner write path changed, checked on the real server.
+
+* The outbox rows a command spends are named by a hand-made text[] literal: every
+  idempotency key must come back from it unchanged, and the row of a key that needs quoting
+  is deleted by the command it carried.
+* The run's status, a receipt's outcome and a concurrency limit are guarded by domains
+  instead of CHECK constraints: the same values are refused, with the same error class.
+* The lock's answer is json and the named step is locked first: a completion still locks
+  and changes its dependants (the fan-out case), and a start locks its step alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from executor.commands.models import CompleteStep, CreateRun, StartRun, StartStep, StepSpec
+from executor.ledger.handler import Ledger
+from executor.ledger.verify import verify
+from executor.ledger.writes import text_array
+
+Pool = ConnectionPool[psycopg.Connection[dict[str, Any]]]
+
+LOCK = "SELECT executor.lock_for_command('r1', %s, 'a', 'f', NULL, 1, NULL, %s) AS l"
+
+AWKWARD_KEYS = [
+    "plain",
+    'with "double" quotes',
+    "back\\slash and \\\\ two",
+    "comma, and {braces}",
+    "  leading and trailing spaces  ",
+    "NULL",
+    "",
+    "ünïcødé ☃ \t tab",
+    "'single'",
+]
+
+
+def test_every_key_comes_back_from_its_text_array_literal(db_url: str) -> None:
+    with psycopg.connect(db_url) as conn:
+        for keys in ([k] for k in AWKWARD_KEYS):
+            row = conn.execute("SELECT %s::text[]", (text_array(keys),)).fetchone()
+            assert row is not None
+            assert row[0] == keys
+        row = conn.execute("SELECT %s::text[]", (text_array(AWKWARD_KEYS),)).fetchone()
+        assert row is not None
+        assert row[0] == AWKWARD_KEYS
+
+
+def test_a_command_spends_its_outbox_row_whatever_its_key(pool: Pool) -> None:
+    ledger = Ledger(pool)
+    key = 'start_run "r1", {with} \\ odd, chars'
+    ledger.apply(CreateRun(run_id="r1", workflow="w", idempotency_key="create:r1"))
+    start = StartRun(
+        run_id="r1",
+        workflow="w",
+        steps=(StepSpec(step_key="a"),),
+        idempotency_key=key,
+    )
+    ledger.enqueue(start, "default")
+    with pool.connection() as conn:
+        before = conn.execute(
+            "SELECT count(*) AS n FROM executor.outbox WHERE idempotency_key = %s", (key,)
+        ).fetchone()
+    assert before == {"n": 1}
+    assert ledger.apply(start).applied
+    with pool.connection() as conn:
+        after = conn.execute(
+            "SELECT count(*) AS n FROM executor.outbox WHERE idempotency_key = %s", (key,)
+        ).fetchone()
+    assert after == {"n": 0}
+
+
+@pytest.mark.parametrize(
+    ("statement", "params"),
+    [
+        (
+            "INSERT INTO executor.runs (run_id, workflow, status) VALUES (%s, 'w', %s)",
+            ("bad-status", "finished"),
+        ),
+        (
+            "INSERT INTO executor.runs (run_id, workflow, status, concurrency_limit)"
+            " VALUES (%s, 'w', 'pending', %s)",
+            ("bad-limit", 0),
+        ),
+        (
+            "INSERT INTO executor.concurrency_keys (concurrency_key, concurrency_limit)"
+            " VALUES (%s, %s)",
+            ("k", 10_001),
+        ),
+        (
+            "INSERT INTO executor.receipts (idempotency_key, run_id, command_type, command,"
+            " outcome) VALUES (%s, 'r', 'start_step', '{}', %s)",
+            ("bad-outcome", "maybe"),
+        ),
+    ],
+)
+def test_the_domains_refuse_what_the_checks_refused(
+    db_url: str, statement: str, params: tuple[Any, ...]
+) -> None:
+    with psycopg.connect(db_url) as conn:
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(statement, params)
+        conn.rollback()
+
+
+def test_an_update_to_an_unknown_run_status_is_refused(pool: Pool) -> None:
+    Ledger(pool).apply(CreateRun(run_id="r1", workflow="w", idempotency_key="create:r1"))
+    with psycopg.connect(pool.conninfo) as conn:
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("UPDATE executor.runs SET status = %s WHERE run_id = 'r1'", ("done",))
+
+
+def test_a_completion_locks_and_readies_its_dependants_a_start_its_step_alone(
+    pool: Pool,
+) -> None:
+    ledger = Ledger(pool)
+    fan = tuple(StepSpec(step_key=f"b{i}", depends_on=("a",)) for i in range(5))
+    ledger.apply(CreateRun(run_id="r1", workflow="w", idempotency_key="create:r1"))
+    ledger.apply(
+        StartRun(
+            run_id="r1",
+            workflow="w",
+            steps=(StepSpec(step_key="a"), *fan),
+            idempotency_key="start_run:r1",
+        )
+    )
+    with pool.connection() as conn:
+        locked = conn.execute(LOCK, ("k-start", False)).fetchone()
+    assert locked is not None
+    assert [s["step_key"] for s in locked["l"]["steps"]] == ["a"]
+
+    started = ledger.apply(StartStep(run_id="r1", step_key="a", attempt=1, fence="f"))
+    assert started.applied
+    with pool.connection() as conn:
+        locked = conn.execute(LOCK, ("k-done", True)).fetchone()
+    assert locked is not None
+    assert [s["step_key"] for s in locked["l"]["steps"]] == ["a", "b0", "b1", "b2", "b3", "b4"]
+
+    done = ledger.apply(
+        CompleteStep(run_id="r1", step_key="a", attempt=1, output={"x": 1}, fence="f")
+    )
+    assert done.applied
+    assert sorted(e.step_key or "" for e in done.events if e.type == "step_queued") == [
+        f"b{i}" for i in range(5)
+    ]
+    with pool.connection() as conn:
+        conn.row_factory = dict_row
+        statuses = conn.execute(
+            "SELECT step_key, status FROM executor.steps WHERE run_id = 'r1' ORDER BY step_key"
+        ).fetchall()
+        report = verify(conn, run_id="r1")
+    assert [r["status"] for r in statuses] == ["completed"] + ["queued"] * 5
+    assert report.ok, report
