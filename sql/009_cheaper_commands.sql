@@ -20,7 +20,8 @@ DECLARE
     v_key json;
     v_limit integer;
     v_keys text[];
-    v_i integer;
+    v_one text;
+    v_named boolean;
     v_row json;
     v_dependants text[];
     v_parent text;
@@ -49,43 +50,49 @@ BEGIN
         -- Each row by its whole primary key: asked for all at once (a join, or
         -- step_key = ANY), a planner that believes a run has few steps reads every step of
         -- the run to find them. Only an outcome needs the dependants and the map: a start
-        -- changes its step alone.
+        -- changes its step alone. The named step alone first: its row holds the keys of
+        -- the others.
         v_keys := ARRAY[p_step_key];
-        v_i := 1;
-        WHILE v_i <= cardinality(v_keys) LOOP
-            -- Every column, but depends_on only when short: a join's may be thousands of
-            -- keys, locked by each of its upstream steps' completions. Its length always.
-            SELECT to_json(r), r.dependants, r.parent_step INTO v_row, v_dependants, v_parent
-            FROM (
-                SELECT x.step_key, x.status, x.attempt, x.max_attempts, x.queue,
-                       x.timeout_seconds, x.backoff, x.output, x.error, x.lease_expires_at,
-                       x.next_attempt_at, x.kind, x.dependants, x.waiting_on, x.map_over,
-                       x.parent_step, x.item_index, x.item, x.items_total, x.items_done,
-                       x.fence, x.wake_at, x.event_name, x.child_run_id,
-                       CASE WHEN cardinality(x.depends_on) <= 64 THEN x.depends_on END
-                           AS depends_on,
-                       cardinality(x.depends_on) AS upstreams, x.ctid::text AS ctid
-                FROM executor.steps AS x
-                WHERE x.run_id = p_run_id AND x.step_key = v_keys[v_i]
-                FOR UPDATE OF x
-            ) AS r;
-            -- Gathered in an array, which plpgsql appends to in place; appending to json
-            -- itself copies it each time, quadratic in a fan-out of thousands.
-            IF v_row IS NOT NULL THEN
-                v_rows := array_append(v_rows, v_row);
-            END IF;
-            -- The others in key order, after the one named (the run's lock orders them all).
-            IF v_i = 1 AND (p_also IS NOT NULL OR (p_dependants AND v_row IS NOT NULL
-                    AND (cardinality(v_dependants) > 0 OR v_parent IS NOT NULL))) THEN
-                IF NOT p_dependants OR v_row IS NULL THEN
-                    v_dependants := '{}';
-                    v_parent := NULL;
+        v_named := true;
+        LOOP
+            -- FOREACH walks the array once; subscripting it in a loop would walk it from
+            -- the start each time, quadratic in a fan-out of thousands.
+            FOREACH v_one IN ARRAY v_keys LOOP
+                -- Every column, but depends_on only when short: a join's may be thousands
+                -- of keys, locked by each of its upstream steps' completions. Its length
+                -- always.
+                SELECT to_json(r), r.dependants, r.parent_step
+                INTO v_row, v_dependants, v_parent
+                FROM (
+                    SELECT x.step_key, x.status, x.attempt, x.max_attempts, x.queue,
+                           x.timeout_seconds, x.backoff, x.output, x.error, x.lease_expires_at,
+                           x.next_attempt_at, x.kind, x.dependants, x.waiting_on, x.map_over,
+                           x.parent_step, x.item_index, x.item, x.items_total, x.items_done,
+                           x.fence, x.wake_at, x.event_name, x.child_run_id,
+                           CASE WHEN cardinality(x.depends_on) <= 64 THEN x.depends_on END
+                               AS depends_on,
+                           cardinality(x.depends_on) AS upstreams, x.ctid::text AS ctid
+                    FROM executor.steps AS x
+                    WHERE x.run_id = p_run_id AND x.step_key = v_one
+                    FOR UPDATE OF x
+                ) AS r;
+                -- Gathered in an array, which plpgsql appends to in place; appending to
+                -- json itself copies it each time, quadratic in a fan-out of thousands.
+                IF v_row IS NOT NULL THEN
+                    v_rows := array_append(v_rows, v_row);
                 END IF;
-                v_keys := v_keys || ARRAY(
-                    SELECT DISTINCT k FROM unnest(v_dependants || v_parent || p_also) AS k
-                    WHERE k IS NOT NULL AND k <> p_step_key ORDER BY k);
+            END LOOP;
+            EXIT WHEN NOT v_named;
+            v_named := false;
+            -- Then the others, in key order (the run's lock, taken first, orders them all).
+            IF NOT p_dependants OR v_row IS NULL THEN
+                v_dependants := '{}';
+                v_parent := NULL;
             END IF;
-            v_i := v_i + 1;
+            EXIT WHEN p_also IS NULL AND cardinality(v_dependants) = 0 AND v_parent IS NULL;
+            v_keys := ARRAY(
+                SELECT DISTINCT k FROM unnest(v_dependants || v_parent || p_also) AS k
+                WHERE k IS NOT NULL AND k <> p_step_key ORDER BY k);
         END LOOP;
     ELSIF v_run IS NULL AND p_launch_key IS NOT NULL THEN
         SELECT json_build_object(

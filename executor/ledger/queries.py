@@ -171,18 +171,35 @@ FROM jsonb_to_recordset(%s::jsonb) AS u(
 # Every write of an applied command in one statement: data-modifying CTEs share the
 # transaction (and its locks), and one statement is one parse/bind/dump instead of five.
 # Rows inserted earlier in the same transaction (a start_run's steps) are visible to it.
-_WRITE_RUN_AND_STEPS = """
+# `write_changes` picks one of four, by what the command spends and queues: the parts a
+# command does not need are left out, not run on empty lists (an INSERT of no rows still
+# opens its table and every index of it; a list of keys costs a join where one key is a
+# lookup).
+_RECEIPT = """
 WITH receipt AS (
     INSERT INTO executor.receipts
         (idempotency_key, run_id, step_key, attempt, command_type, command, outcome,
          first_seq, last_seq)
     VALUES (%(key)s, %(run_id)s, %(step_key)s::text, %(attempt)s::int, %(command_type)s,
             %(command)s::jsonb, 'applied', %(first_seq)s, %(last_seq)s)
-), spent AS (
-    -- Both columns of outbox_run bound: the index scan reads only the keys asked for.
-    DELETE FROM executor.outbox
-    WHERE run_id = %(run_id)s AND idempotency_key = ANY(%(spent)s::text[])
-), changed_steps AS (
+)"""
+# The row that carried the command, by both columns of outbox_run.
+_SPEND_OWN = """, spent AS (
+    DELETE FROM executor.outbox WHERE run_id = %(run_id)s AND idempotency_key = %(key)s
+)"""
+# ... and the rows of other keys the command settles, one lookup for each: asked for with
+# idempotency_key = ANY(...), a generic plan bounds only run_id and reads every outbox row
+# of the run (a wide run's thousands) for each command.
+_SPEND_LISTED = """, spent AS (
+    DELETE FROM executor.outbox WHERE outbox_id IN (
+        SELECT o.outbox_id FROM unnest(%(spent)s::text[]) AS k(key)
+        CROSS JOIN LATERAL (
+            SELECT outbox_id FROM executor.outbox
+            WHERE run_id = %(run_id)s AND idempotency_key = k.key
+            OFFSET 0
+        ) AS o)
+)"""
+_STEPS_AND_RUN = """, changed_steps AS (
     UPDATE executor.steps AS s
     SET status = u.status, attempt = u.attempt, output = u.output, error = u.error,
         lease_expires_at = u.lease_expires_at, next_attempt_at = u.next_attempt_at,
@@ -217,14 +234,7 @@ FROM ROWS FROM (
         AS (type text, step_key text, attempt int, payload jsonb)
 ) WITH ORDINALITY AS u(type, step_key, attempt, payload, n)
 """
-# Most commands queue nothing: their statement leaves the outbox's insert out, and with it
-# the opening of the outbox and its indexes that an INSERT of no rows still costs.
-WRITE_CHANGES = _WRITE_RUN_AND_STEPS + _APPEND_EVENTS
-WRITE_CHANGES_AND_FOLLOWUPS = (
-    _WRITE_RUN_AND_STEPS
-    + ", appended AS ("
-    + _APPEND_EVENTS
-    + """)
+_QUEUE_FOLLOWUPS = """
 INSERT INTO executor.outbox
     (run_id, queue, idempotency_key, command, not_before, timeout_seconds, push_after)
 SELECT u.run_id, u.queue, u.idempotency_key, u.command, COALESCE(u.not_before, now()),
@@ -235,7 +245,21 @@ FROM jsonb_to_recordset(%(outbox)s::jsonb) AS u(
     timeout_seconds float8)
 RETURNING outbox_id, run_id, queue, idempotency_key, command, not_before, timeout_seconds
 """
-)
+
+
+def write_changes(*, spends_others: bool, queues: bool) -> str:
+    """The write of an applied command; `queues`: it adds outbox rows, and returns them."""
+    head = _RECEIPT + (_SPEND_LISTED if spends_others else _SPEND_OWN) + _STEPS_AND_RUN
+    if not queues:
+        return head + _APPEND_EVENTS
+    return head + ", appended AS (" + _APPEND_EVENTS + ")" + _QUEUE_FOLLOWUPS
+
+
+WRITE_CHANGES = {
+    (others, queues): write_changes(spends_others=others, queues=queues)
+    for others in (False, True)
+    for queues in (False, True)
+}
 
 # A second run the same transaction changes (a run admitted to a freed slot, or a child run
 # created by its parent's step): its row, its events and its own receipt.

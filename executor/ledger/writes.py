@@ -1,10 +1,10 @@
 """Writing a decided transition: the second round trip of the handler.
 
 The hot path (start or complete a step) is one statement of data-modifying CTEs
-(`WRITE_CHANGES`): receipt, changed steps, the run with its counters and new `last_seq`,
-the events, and the outbox rows when there are follow-ups. Rarer transitions add a
-statement each for what only they do: creating a run or steps, keeping an external event,
-changing a second run, notifying waiters that a run ended.
+(`queries.write_changes`): receipt, spent outbox rows, changed steps, the run with its
+counters and new `last_seq`, the events, and the outbox rows when there are follow-ups.
+Rarer transitions add a statement each for what only they do: creating a run or steps,
+keeping an external event, changing a second run, notifying waiters that a run ended.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ def write(conn: Pipe, command: Command, t: Transition, *, grace: float) -> Resul
         "command": command.model_dump_json(exclude_none=True),
         "first_seq": first,
         "last_seq": last,
-        "spent": text_array([command.idempotency_key, *t.spent_keys]),
         "s_ctid": _tids(s.ctid for s in changed),
         "steps": json_text([_step_doc(s) for s in changed]),
         "r_status": run.status,
@@ -76,6 +75,9 @@ def write(conn: Pipe, command: Command, t: Transition, *, grace: float) -> Resul
             ]
         ),
     }
+    if t.spent_keys:
+        params["spent"] = text_array([command.idempotency_key, *t.spent_keys])
+    statement = q.WRITE_CHANGES[bool(t.spent_keys), bool(t.followups)]
     outbox = None
     if t.followups:
         params["grace"] = grace
@@ -92,9 +94,9 @@ def write(conn: Pipe, command: Command, t: Transition, *, grace: float) -> Resul
                 for f in t.followups
             ]
         )
-        outbox = conn.execute(q.WRITE_CHANGES_AND_FOLLOWUPS, params)
+        outbox = conn.execute(statement, params)
     else:
-        conn.execute(q.WRITE_CHANGES, params)
+        conn.execute(statement, params)
     if t.buffered:
         conn.execute(
             q.INSERT_RUN_EVENTS,

@@ -19,7 +19,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from executor.commands.models import CompleteStep, CreateRun, StartRun, StartStep, StepSpec
-from executor.ledger.handler import Ledger
+from executor.ledger.handler import Ledger, LedgerHooks
 from executor.ledger.verify import verify
 from executor.ledger.writes import text_array
 
@@ -156,3 +156,44 @@ def test_a_completion_locks_and_readies_its_dependants_a_start_its_step_alone(
         report = verify(conn, run_id="r1")
     assert [r["status"] for r in statuses] == ["completed"] + ["queued"] * 5
     assert report.ok, report
+
+
+OUTBOX_READS = """
+SELECT coalesce(sum(idx_tup_fetch), 0) AS n FROM pg_stat_xact_user_tables
+WHERE schemaname = 'executor' AND relname = 'outbox'
+"""
+
+
+def test_a_command_reads_its_own_outbox_row_not_its_runs(pool: Pool) -> None:
+    """A generic plan of `idempotency_key = ANY(...)` bounds only run_id: a start in a run
+    of 300 queued steps read all 300 outbox rows (a 10,000-step run ran at half speed)."""
+    reads: list[int] = []
+
+    def inside(command: Any, conn: psycopg.Connection[dict[str, Any]]) -> None:
+        row = conn.execute(OUTBOX_READS).fetchone()
+        assert row is not None
+        reads.append(int(row["n"]))
+
+    ledger = Ledger(pool, hooks=LedgerHooks(inside=inside))
+    width = 300
+    ledger.apply(CreateRun(run_id="r1", workflow="w", idempotency_key="create:r1"))
+    started = ledger.apply(
+        StartRun(
+            run_id="r1",
+            workflow="w",
+            steps=tuple(StepSpec(step_key=f"s{i:03d}") for i in range(width)),
+            idempotency_key="start_run:r1",
+        )
+    )
+    assert len(started.followups) == width  # a start_step row in the outbox for each
+    reads.clear()
+    for i in range(5):  # generic plans from the sixth execution on, if not forced
+        start = StartStep(run_id="r1", step_key=f"s{i:03d}", attempt=1, fence="f")
+        assert ledger.apply(start).applied
+    # Postgres 15 keeps a backend's counts pending across transactions until it flushes
+    # them (at most once a second), so each command's own reads are a difference.
+    own = [b - a if b >= a else b for a, b in zip([0, *reads], reads, strict=False)]
+    assert max(own) <= 2, own
+    with pool.connection() as conn:
+        left = conn.execute("SELECT count(*) AS n FROM executor.outbox").fetchone()
+    assert left == {"n": width - 5}
