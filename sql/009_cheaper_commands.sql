@@ -121,9 +121,10 @@ $$;
 -- Every command rewrites its run's row and writes a receipt. Postgres reads a table's CHECK
 -- constraints anew from their stored node trees for each statement that writes the table,
 -- and for a list of values that tree is long (each byte of the array constant is a number
--- in it): the two lists here were a tenth of a command's server time. A domain's checks are
+-- in it): these lists cost 7% of a command's server instructions. A domain's checks are
 -- kept parsed in the type cache, and one on a column no statement assigns costs nothing.
--- Steps and events keep their CHECKs: each is written by fewer statements a command.
+-- Steps and events keep their CHECKs for now (docs/benchmarks.md, "Instructions per
+-- command").
 CREATE DOMAIN executor.run_status AS text CHECK (VALUE IN (
     'queued', 'pending', 'running', 'paused', 'completed', 'failed', 'cancelled'));
 CREATE DOMAIN executor.receipt_outcome AS text CHECK (VALUE IN (
