@@ -1,8 +1,8 @@
 """What migration 009 and the leaner write path changed, checked on the real server.
 
-* The outbox rows a command spends are named by a hand-made text[] literal: every
-  idempotency key must come back from it unchanged, and the row of a key that needs quoting
-  is deleted by the command it carried.
+* A command spends its own outbox row by its key, whatever characters the key holds, and
+  reads only that row, however many its run has queued; the other keys a command may settle
+  travel as a hand-made text[] literal, from which every key must come back unchanged.
 * The run's status, a receipt's outcome and a concurrency limit are guarded by domains
   instead of CHECK constraints: the same values are refused, with the same error class.
 * The lock's answer is json and the named step is locked first: a completion still locks
