@@ -75,12 +75,7 @@ def _pid(conn: psycopg.Connection[dict[str, Any]]) -> int:
 
 def _run(writer: _Writer, runs: int) -> None:
     for n in range(runs):
-        writer.run_id = f"{writer.prefix}-{n}"
-        writer.create()
-        writer.start_run()
-        for key in writer.step_keys:
-            writer.start_step(key)
-            writer.complete_step(key, last=key == writer.step_keys[-1])
+        writer.whole_run(f"{writer.prefix}-{n}")
 
 
 def main(argv: list[str] | None = None) -> int:

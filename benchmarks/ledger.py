@@ -92,6 +92,15 @@ class _Writer:
             done += 2
         return done
 
+    def whole_run(self, run_id: str) -> None:
+        """One run from start to end, every command in order (for counting, not timing)."""
+        self.run_id = run_id
+        self.create()
+        self.start_run()
+        for key in self.step_keys:
+            self.start_step(key)
+            self.complete_step(key, last=key == self.step_keys[-1])
+
     def create(self) -> None:
         raise NotImplementedError
 
@@ -502,12 +511,7 @@ def measure_round_trips_per_command(
                 return outcome
 
             ledger.apply = counted_apply  # type: ignore[method-assign]
-            writer.run_id = f"{prefix}-rtt"
-            writer.create()
-            writer.start_run()
-            for key in writer.step_keys:
-                writer.start_step(key)
-                writer.complete_step(key, last=key == writer.step_keys[-1])
+            writer.whole_run(f"{prefix}-rtt")
             writer.start_step(writer.step_keys[0])  # a duplicate delivery: dropped, recorded
         finally:
             pool.close()

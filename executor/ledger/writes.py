@@ -38,9 +38,9 @@ def write(conn: Pipe, command: Command, t: Transition, *, grace: float) -> Resul
         conn.execute(q.INSERT_STEPS, (run.run_id, json_text([_new_step_doc(s) for s in new])))
     changed = [s for s in t.steps.values() if s.dirty and not s.new]
     assert all(s.ctid for s in changed), "a changed step was not read under this lock"
-    # Rows and lists go as JSON documents (steps, events, outbox, keys), not typed arrays:
-    # psycopg dumps an array element by element in Python, and thirty of them cost more
-    # client CPU than the rest of the command; json.dumps is C.
+    # Rows and lists go as JSON documents (steps, events, outbox) or a text[] literal (keys),
+    # not typed arrays: psycopg dumps an array element by element in Python, and thirty of
+    # them cost more client CPU than the rest of the command; json.dumps is C.
     params: dict[str, Any] = {
         "key": command.idempotency_key,
         "run_id": run.run_id,
@@ -77,8 +77,6 @@ def write(conn: Pipe, command: Command, t: Transition, *, grace: float) -> Resul
     }
     if t.spent_keys:
         params["spent"] = text_array([command.idempotency_key, *t.spent_keys])
-    statement = q.WRITE_CHANGES[bool(t.spent_keys), bool(t.followups)]
-    outbox = None
     if t.followups:
         params["grace"] = grace
         params["outbox"] = json_text(
@@ -94,9 +92,7 @@ def write(conn: Pipe, command: Command, t: Transition, *, grace: float) -> Resul
                 for f in t.followups
             ]
         )
-        outbox = conn.execute(statement, params)
-    else:
-        conn.execute(statement, params)
+    written = conn.execute(q.WRITE_CHANGES[bool(t.spent_keys), bool(t.followups)], params)
     if t.buffered:
         conn.execute(
             q.INSERT_RUN_EVENTS,
@@ -116,7 +112,7 @@ def write(conn: Pipe, command: Command, t: Transition, *, grace: float) -> Resul
     if t.ended:
         conn.execute(q.NOTIFY_ENDED, (run.run_id,))
     run.last_seq = last
-    return outbox
+    return written if t.followups else None
 
 
 def _insert_run(conn: Pipe, run: RunRow, last_seq: int) -> None:
