@@ -7,6 +7,7 @@ same members and fields, in real Redis.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from rq.job import Job, JobStatus
 from rq.suspension import suspend
 from rq.utils import now
 from rq.worker import WorkerStatus
+from support.waiting import wait_for
 
 from executor.transport import bookkeeping
 from executor.transport import worker as worker_module
@@ -201,3 +203,21 @@ def test_a_worker_asks_whether_it_is_suspended_at_most_once_a_second(
     clock[0] += worker_module.SUSPENSION_ASKED_EVERY
     with pytest.raises(StopRequested):  # RQ's answer to a suspended burst worker
         worker.check_for_suspension(burst=True)
+
+
+def test_a_worker_stops_its_listener_at_once_after_it_saw_the_unsubscribe(
+    redis: redis_lib.Redis,
+) -> None:
+    """The interleaving that held SIGTERMed workers for a minute, forced: the listener reads
+    the unsubscribe reply before stop() runs, then waits for a subscription."""
+    worker = ExecutorWorker([Queue("q", connection=redis)], connection=redis, name="w")
+    worker.subscribe()
+    assert worker.pubsub is not None
+    assert worker.pubsub_thread is not None
+    wait_for(lambda: worker.pubsub.subscribed, timeout=10, what="the subscription")
+    worker.pubsub.unsubscribe()
+    wait_for(lambda: not worker.pubsub.subscribed, timeout=10, what="the listener to read it")
+    started = time.monotonic()
+    worker.unsubscribe()
+    assert time.monotonic() - started < 5  # RQ's own listener: 60 s
+    assert not worker.pubsub_thread.is_alive()
