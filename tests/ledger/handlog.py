@@ -71,6 +71,7 @@ BEGIN
     LOOP
         EXECUTE format('DROP INDEX %s', r.idx);
     END LOOP;
+    DROP TRIGGER IF EXISTS runs_slot_rules ON executor.runs;
 END $$;
 ALTER TABLE executor.runs
     ADD COLUMN IF NOT EXISTS concurrency_limit integer NOT NULL DEFAULT 1,

@@ -3,8 +3,10 @@
 * A command spends its own outbox row by its key, whatever characters the key holds, and
   reads only that row, however many its run has queued; the other keys a command may settle
   travel as a hand-made text[] literal, from which every key must come back unchanged.
-* The run's status, a receipt's outcome and a concurrency limit are guarded by domains
-  instead of CHECK constraints: the same values are refused, with the same error class.
+* The run's status, a receipt's outcome, a concurrency limit (009) and the steps', events'
+  and drops' checked columns (010) are guarded by domains instead of CHECK constraints: the
+  same values are refused, with the same error class. The runs' slot rules are a row
+  trigger that refuses what their CHECKs refused, under the same constraint names.
 * The lock's answer is json and the named step is locked first: a completion still locks
   and changes its dependants (the fan-out case), and a start locks its step alone.
 """
@@ -97,6 +99,10 @@ def test_a_command_spends_its_outbox_row_whatever_its_key(pool: Pool) -> None:
             " outcome) VALUES (%s, 'r', 'start_step', '{}', %s)",
             ("bad-outcome", "maybe"),
         ),
+        (
+            "INSERT INTO executor.drops (idempotency_key, reason, detail) VALUES (%s, %s, '')",
+            ("bad-reason", "bored"),
+        ),
     ],
 )
 def test_the_domains_refuse_what_the_checks_refused(
@@ -106,6 +112,74 @@ def test_the_domains_refuse_what_the_checks_refused(
         with pytest.raises(psycopg.errors.CheckViolation):
             conn.execute(statement, params)
         conn.rollback()
+
+
+@pytest.mark.parametrize(
+    ("assignment", "value"),
+    [
+        ("status = %s", "finished"),
+        ("kind = %s", "job"),
+        ("max_attempts = %s", 0),
+        ("waiting_on = %s", -1),
+    ],
+)
+def test_the_step_domains_refuse_what_the_checks_refused(
+    pool: Pool, assignment: str, value: Any
+) -> None:
+    ledger = Ledger(pool)
+    ledger.apply(CreateRun(run_id="r1", workflow="w", idempotency_key="create:r1"))
+    ledger.apply(
+        StartRun(run_id="r1", workflow="w", steps=(StepSpec(step_key="a"),), idempotency_key="s:r1")
+    )
+    with psycopg.connect(pool.conninfo) as conn:
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(f"UPDATE executor.steps SET {assignment} WHERE run_id = 'r1'", (value,))
+        conn.rollback()
+        for column, bad in (("type", "step_exploded"), ("seq", 0)):
+            with pytest.raises(psycopg.errors.CheckViolation):
+                conn.execute(
+                    f"UPDATE executor.events SET {column} = %s WHERE run_id = 'r1' AND seq = 1",
+                    (bad,),
+                )
+            conn.rollback()
+
+
+@pytest.mark.parametrize(
+    ("status", "slot", "limit", "constraint"),
+    [
+        ("running", None, 1, "runs_active_holds_slot"),
+        ("completed", 0, 1, "runs_active_holds_slot"),
+        ("running", 1, 1, "runs_slot_below_limit"),
+        ("running", -1, 2, "runs_slot_below_limit"),
+    ],
+)
+def test_the_slot_trigger_refuses_what_the_slot_checks_refused(
+    db_url: str, status: str, slot: int | None, limit: int, constraint: str
+) -> None:
+    with psycopg.connect(db_url) as conn:
+        conn.execute(
+            "INSERT INTO executor.runs (run_id, workflow, status, concurrency_key,"
+            " concurrency_slot, concurrency_limit) VALUES ('ok', 'w', 'running', 'k', 0, 1)"
+        )
+        with pytest.raises(psycopg.errors.CheckViolation) as refused:
+            conn.execute(
+                "UPDATE executor.runs SET status = %s, concurrency_slot = %s,"
+                " concurrency_limit = %s WHERE run_id = 'ok'",
+                (status, slot, limit),
+            )
+        assert refused.value.diag.constraint_name == constraint
+        assert refused.value.diag.table_name == "runs"
+        conn.rollback()
+
+
+def test_a_run_without_a_key_may_not_hold_a_slot_beyond_its_limit(db_url: str) -> None:
+    """The trigger's WHEN lets every row with a slot through, keyed or not."""
+    with psycopg.connect(db_url) as conn:
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(
+                "INSERT INTO executor.runs (run_id, workflow, status, concurrency_slot,"
+                " concurrency_limit) VALUES ('x', 'w', 'running', 3, 1)"
+            )
 
 
 def test_an_update_to_an_unknown_run_status_is_refused(pool: Pool) -> None:
