@@ -113,7 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         for p in procs:
             p.terminate()
         for p in procs:
-            p.wait(timeout=10)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                # RQ's worker with redis-py 8 may wait out its pub/sub listener's 60 s on
+                # the way out (executor/transport/worker.py, subscribe); the round is over.
+                p.kill()
+                p.wait()
     print(json.dumps(out))
     return 0
 
