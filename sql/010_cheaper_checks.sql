@@ -1,7 +1,7 @@
 -- Migration 009 made the run's and the receipt's checked columns domains; the steps' and the
 -- events' columns follow. Every command writes a step row and an event, and Postgres reads
 -- each CHECK of a table it writes from the stored node tree again for every statement:
--- these six cost about 250k instructions a command, 14% of its server time. A domain's
+-- these six cost 286k instructions a command, 16% of its server time. A domain's
 -- check is kept parsed in the type cache and runs only when a statement assigns the column.
 CREATE DOMAIN executor.step_status AS text CHECK (VALUE IN (
     'pending', 'queued', 'running', 'sleeping', 'waiting', 'retrying', 'completed', 'failed',

@@ -102,9 +102,11 @@ BEAT_AT_MOST_EVERY = 1.0
 """Seconds between RQ worker heartbeats sent on their own (see heartbeat)."""
 
 SUSPENSION_ASKED_EVERY = 1.0
-# How often an idle pub/sub listener wakes, bounding how long stopping it takes (subscribe).
-PUBSUB_WAKE_S = 0.5
 """Seconds between asking Redis whether the workers are suspended (see check_for_suspension)."""
+
+PUBSUB_WAKE_S = 0.5
+"""Seconds between an idle pub/sub listener's wake-ups, which bound how long it takes to stop
+it (see subscribe)."""
 
 
 class WorkerDied(ExecutorError):
