@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import re
 import select
 import weakref
@@ -35,10 +36,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from psycopg import abc, pq
 from psycopg import errors as pg_errors
-from psycopg import pq
 from psycopg.adapt import PyFormat, Transformer
 from psycopg.pq.abc import PGresult
+from psycopg.types.json import set_json_loads
 
 Conn = psycopg.Connection[dict[str, Any]]
 Row = dict[str, Any]
@@ -56,6 +58,23 @@ _SYNC, _FATAL, _ABORTED = (
     pq.ExecStatus.PIPELINE_ABORTED,
 )
 _COMMAND_OK, _TUPLES_OK = pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK
+
+
+_scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[attr-defined]
+
+
+def _loads(data: str | bytes) -> Any:
+    """`json.loads` for the server's own output: UTF-8 (the connection's encoding) and no
+    whitespace around it, so neither the encoding sniffing nor the two whitespace matches
+    `json.loads` makes around a document are needed; anything else goes to `json.loads`."""
+    text = data if isinstance(data, str) else data.decode()
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:
+        return json.loads(text)
+    if end != len(text):
+        return json.loads(text)
+    return value
 
 
 @functools.cache
@@ -98,7 +117,7 @@ class _Statement:
     def values(self, params: Sequence[Any] | Mapping[str, Any] | None) -> Sequence[Any]:
         if params is None:
             params = ()
-        if isinstance(params, Mapping):
+        if type(params) is dict or isinstance(params, Mapping):
             return [params[n] for n in self.names]
         if self.names or len(params) != self.count:
             raise TypeError(f"the query takes {self.count} parameters, got {len(params)}")
@@ -111,8 +130,12 @@ _statements: dict[str, _Statement] = {}
 _Key = tuple[bytes, tuple[int, ...]]
 _prepared: weakref.WeakKeyDictionary[Conn, dict[_Key, bytes]] = weakref.WeakKeyDictionary()
 _names = itertools.count()
-# Per connection: a poll object on its socket, which lives as long as the connection does.
+# Per connection: a poll object on its socket, which lives as long as the connection does,
+# and a Transformer, which keeps the dumpers and loaders it has looked up (a new one per
+# transaction looked every parameter's type up again). One thread uses a connection at a
+# time, as psycopg's cursors use theirs.
 _polls: weakref.WeakKeyDictionary[Conn, select.poll] = weakref.WeakKeyDictionary()
+_transformers: weakref.WeakKeyDictionary[Conn, abc.Transformer] = weakref.WeakKeyDictionary()
 
 
 class Result:
@@ -147,7 +170,11 @@ class Pipe:
     def __init__(self, conn: Conn) -> None:
         self.conn = conn
         self._pg = conn.pgconn
-        self._tx = Transformer.from_context(conn)
+        tx = _transformers.get(conn)
+        if tx is None:
+            set_json_loads(_loads, conn)
+            tx = _transformers[conn] = Transformer.from_context(conn)
+        self._tx = tx
         self._prepared = _prepared.setdefault(conn, {})
         # What the server will answer, in order: a Result, or the Parse of a statement.
         self._expected: deque[Result | tuple[_Key, bytes]] = deque()

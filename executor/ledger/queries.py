@@ -199,7 +199,7 @@ _SPEND_LISTED = """, spent AS (
             OFFSET 0
         ) AS o)
 )"""
-_STEPS_AND_RUN = """, changed_steps AS (
+_STEPS_MANY = """, changed_steps AS (
     UPDATE executor.steps AS s
     SET status = u.status, attempt = u.attempt, output = u.output, error = u.error,
         lease_expires_at = u.lease_expires_at, next_attempt_at = u.next_attempt_at,
@@ -216,7 +216,22 @@ _STEPS_AND_RUN = """, changed_steps AS (
     -- Matched to its new values by key: a nested loop on ctid would be quadratic in the
     -- number of steps changed (a root making ten thousand steps ready).
     WHERE s.ctid = ANY(%(s_ctid)s::tid[]) AND s.step_key = u.step_key
-), changed_run AS (
+"""
+# One changed step (every start, a completion that readies nothing): its new values as
+# parameters. A document would cost the server a parse of it, a function scan to read it
+# and a join to match it, more than the update itself.
+_STEP_ONE = """, changed_steps AS (
+    UPDATE executor.steps
+    SET status = %(s_status)s::text, attempt = %(s_attempt)s::int, output = %(s_output)s::jsonb,
+        error = %(s_error)s::jsonb, lease_expires_at = %(s_lease_expires_at)s::timestamptz,
+        next_attempt_at = %(s_next_attempt_at)s::timestamptz, waiting_on = %(s_waiting_on)s::int,
+        items_total = %(s_items_total)s::int, items_done = %(s_items_done)s::int,
+        fence = %(s_fence)s::text, wake_at = %(s_wake_at)s::timestamptz,
+        event_name = %(s_event_name)s::text, child_run_id = %(s_child_run_id)s::text,
+        updated_at = now()
+    WHERE ctid = %(s_ctid)s::tid AND step_key = %(s_step_key)s::text
+"""
+_RUN = """), changed_run AS (
     UPDATE executor.runs
     SET status = %(r_status)s::text, output = %(r_output)s::jsonb, error = %(r_error)s::jsonb,
         last_seq = %(last_seq)s, concurrency_slot = %(r_slot)s,
@@ -234,6 +249,23 @@ FROM ROWS FROM (
         AS (type text, step_key text, attempt int, payload jsonb)
 ) WITH ORDINALITY AS u(type, step_key, attempt, payload, n)
 """
+
+
+# One or two events (a start; a completion, and its run's end): as parameters, for the reason
+# the one changed step is.
+def _append_listed(count: int) -> str:
+    rows = ",\n       ".join(
+        f"(%(run_id)s, %(first_seq)s::bigint + {i}, %(e{i}_type)s, %(e{i}_step_key)s::text, "
+        f"%(e{i}_attempt)s::int, %(key)s, coalesce(%(e{i}_payload)s::jsonb, '{{}}'))"
+        for i in range(count)
+    )
+    return (
+        "\nINSERT INTO executor.events "
+        "(run_id, seq, type, step_key, attempt, idempotency_key, payload)\n"
+        f"VALUES {rows}\n"
+    )
+
+
 _QUEUE_FOLLOWUPS = """
 INSERT INTO executor.outbox
     (run_id, queue, idempotency_key, command, not_before, timeout_seconds, push_after)
@@ -247,18 +279,33 @@ RETURNING outbox_id, run_id, queue, idempotency_key, command, not_before, timeou
 """
 
 
-def write_changes(*, spends_others: bool, queues: bool) -> str:
-    """The write of an applied command; `queues`: it adds outbox rows, and returns them."""
-    head = _RECEIPT + (_SPEND_LISTED if spends_others else _SPEND_OWN) + _STEPS_AND_RUN
+def write_changes(*, spends_others: bool, queues: bool, one_step: bool, events: int) -> str:
+    """The write of an applied command; `queues`: it adds outbox rows, and returns them.
+    `one_step`: exactly one step changes; `events`: 1 or 2 passed as parameters, 0 for a
+    document of any number."""
+    head = (
+        _RECEIPT
+        + (_SPEND_LISTED if spends_others else _SPEND_OWN)
+        + (_STEP_ONE if one_step else _STEPS_MANY)
+        + _RUN
+    )
+    append = _append_listed(events) if events else _APPEND_EVENTS
     if not queues:
-        return head + _APPEND_EVENTS
-    return head + ", appended AS (" + _APPEND_EVENTS + ")" + _QUEUE_FOLLOWUPS
+        return head + append
+    return head + ", appended AS (" + append + ")" + _QUEUE_FOLLOWUPS
 
+
+# Events passed as parameters, at most: a command appending more sends them as a document.
+LISTED_EVENTS = 2
 
 WRITE_CHANGES = {
-    (others, queues): write_changes(spends_others=others, queues=queues)
+    (others, queues, one, events): write_changes(
+        spends_others=others, queues=queues, one_step=one, events=events
+    )
     for others in (False, True)
     for queues in (False, True)
+    for one in (False, True)
+    for events in range(LISTED_EVENTS + 1)
 }
 
 # A second run the same transaction changes (a run admitted to a freed slot, or a child run

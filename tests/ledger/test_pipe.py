@@ -8,6 +8,7 @@ on the connection deallocated its statements.
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Iterator
 from types import FrameType
@@ -174,3 +175,32 @@ def test_the_handler_retries_a_command_whose_statements_were_deallocated(db_url:
         assert ledger.retries == 1
     finally:
         one.close()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"run" : {"a": [1, 2.5, null, true]}, "now" : "2026-12-07T10:00:00+00:00"}',
+        '"ünïcødé ☃ \\u0000-free"',
+        "[]",
+        "12",
+        ' {"padded": 1} ',
+    ],
+)
+def test_json_is_read_as_json_loads_reads_it(text: str) -> None:
+    assert pipe._loads(text.encode()) == json.loads(text)
+
+
+@pytest.mark.parametrize("text", ['{"a": 1} trailing', "", "{", "nul"])
+def test_malformed_json_is_refused_as_json_loads_refuses_it(text: str) -> None:
+    with pytest.raises(json.JSONDecodeError):
+        pipe._loads(text.encode())
+
+
+def test_a_connection_reads_json_columns_through_the_pipes_loader(conn: Conn) -> None:
+    """The loader is the connection's: the rows the pipeline reads and plain queries agree."""
+    with pipe.transaction(conn) as p:
+        row = p.execute("SELECT %s::json AS j, %s::jsonb AS b", ('{"x": [1]}', '{"y": 2}'))
+        assert row.fetchone() == {"j": {"x": [1]}, "b": {"y": 2}}
+    again = conn.execute("SELECT '{\"x\": [1]}'::json AS j").fetchone()
+    assert again == {"j": {"x": [1]}}
