@@ -44,7 +44,15 @@ from executor.ledger import queries as q
 from executor.ledger import writes
 from executor.ledger.outcome import EventRef, OutboxItem, Outcome, StepContext
 from executor.ledger.pipe import Pipe, Result, transaction
-from executor.ledger.rows import DbSource, key_state, run_from_row, step_from_row, timestamp
+from executor.ledger.rows import (
+    DbSource,
+    key_state,
+    locked_run,
+    locked_step,
+    run_from_row,
+    step_from_row,
+    timestamp,
+)
 from executor.storage.db import Pool
 
 log = logging.getLogger("executor.ledger")
@@ -271,8 +279,8 @@ class Ledger:
         if locked["outcome"] is not None:
             return self._duplicate(conn, command, locked)
 
-        run = run_from_row(locked["run"]) if locked["run"] else None
-        steps = {r["step_key"]: step_from_row(r) for r in locked["steps"]}
+        run = run_from_row(locked_run(locked["run"])) if locked["run"] else None
+        steps = {r[0]: step_from_row(locked_step(r)) for r in locked["steps"]}
         launch = None
         if launch_key is not None and locked["key"] is not None:
             launch = key_state(launch_key, locked["key"])
@@ -304,7 +312,7 @@ class Ledger:
         received = timestamp(locked["received_at"])
         assert received is not None
         detail = f"key first delivered at {received.isoformat()} with outcome {locked['outcome']}"
-        owned = step_from_row(locked["owned"]) if locked["owned"] else None
+        owned = step_from_row(locked_step(locked["owned"])) if locked["owned"] else None
         if owned is not None:
             detail += (
                 f"; delivery {owned.fence} still owns {owned.step_key} attempt "
@@ -315,7 +323,7 @@ class Ledger:
         outcome = _dropped(command, "duplicate", detail, owner=owned is not None)
         if owned is None:
             return _Pending(outcome)
-        run = locked["run"]
+        run = locked_run(locked["run"])
         return _Pending(outcome, context=(owned, run, _upstream(conn, command.run_id, owned, None)))
 
     def _record_refusal(self, conn: Pipe, command: Command, drop: Drop) -> Result | None:

@@ -25,6 +25,30 @@ def timestamp(value: str | datetime | None) -> datetime | None:
     return datetime.fromisoformat(value)
 
 
+# The order of the fields in the arrays the locking call answers with (sql/011).
+RUN_FIELDS = (
+    "run_id", "workflow", "status", "concurrency_key", "input", "output", "error", "last_seq",
+    "concurrency_limit", "concurrency_slot", "steps_total", "steps_completed", "steps_active",
+    "steps_failed", "parent_run_id", "parent_step_key", "parent_attempt", "traceparent",
+)  # fmt: skip
+STEP_FIELDS = (
+    "step_key", "status", "attempt", "max_attempts", "queue", "timeout_seconds", "backoff",
+    "output", "error", "lease_expires_at", "next_attempt_at", "kind", "dependants",
+    "waiting_on", "map_over", "parent_step", "item_index", "item", "items_total", "items_done",
+    "fence", "wake_at", "event_name", "child_run_id", "depends_on", "upstreams", "ctid",
+)  # fmt: skip
+
+
+def locked_run(fields: list[Any]) -> dict[str, Any]:
+    """A run row as the locking call answers it (an array in RUN_FIELDS order), by name."""
+    return dict(zip(RUN_FIELDS, fields, strict=True))
+
+
+def locked_step(fields: list[Any]) -> dict[str, Any]:
+    """A step row as the locking call answers it, by name (STEP_FIELDS)."""
+    return dict(zip(STEP_FIELDS, fields, strict=True))
+
+
 def run_from_row(row: dict[str, Any]) -> RunRow:
     return RunRow(
         run_id=row["run_id"],

@@ -8,11 +8,13 @@
   same values are refused, with the same error class. The runs' slot rules are a row
   trigger that refuses what their CHECKs refused, under the same constraint names.
 * The lock's answer is json and the named step is locked first: a completion still locks
-  and changes its dependants (the fan-out case), and a start locks its step alone.
+  and changes its dependants (the fan-out case), and a start locks its step alone. Its rows
+  are arrays (011), in the order `rows.RUN_FIELDS` and `rows.STEP_FIELDS` give.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -22,6 +24,7 @@ from psycopg_pool import ConnectionPool
 
 from executor.commands.models import CompleteStep, CreateRun, StartRun, StartStep, StepSpec
 from executor.ledger.handler import Ledger, LedgerHooks
+from executor.ledger.rows import RUN_FIELDS, STEP_FIELDS, locked_run, locked_step
 from executor.ledger.verify import verify
 from executor.ledger.writes import text_array
 
@@ -200,14 +203,14 @@ def test_a_completion_locks_and_readies_its_dependants_a_start_its_step_alone(
     with pool.connection() as conn:
         locked = conn.execute(LOCK, ("k-start", False)).fetchone()
     assert locked is not None
-    assert [s["step_key"] for s in locked["l"]["steps"]] == ["a"]
+    assert [s[0] for s in locked["l"]["steps"]] == ["a"]
 
     started = ledger.apply(StartStep(run_id="r1", step_key="a", attempt=1, fence="f"))
     assert started.applied
     with pool.connection() as conn:
         locked = conn.execute(LOCK, ("k-done", True)).fetchone()
     assert locked is not None
-    assert [s["step_key"] for s in locked["l"]["steps"]] == ["a", "b0", "b1", "b2", "b3", "b4"]
+    assert [s[0] for s in locked["l"]["steps"]] == ["a", "b0", "b1", "b2", "b3", "b4"]
 
     done = ledger.apply(
         CompleteStep(run_id="r1", step_key="a", attempt=1, output={"x": 1}, fence="f")
@@ -265,3 +268,35 @@ def test_a_command_reads_its_own_outbox_row_not_its_runs(pool: Pool) -> None:
     with pool.connection() as conn:
         left = conn.execute("SELECT count(*) AS n FROM executor.outbox").fetchone()
     assert left == {"n": width - 5}
+
+
+def test_the_lock_answers_rows_as_arrays_in_the_order_rows_py_names_them(pool: Pool) -> None:
+    """sql/011 and `rows.RUN_FIELDS` / `rows.STEP_FIELDS` must agree field by field."""
+    ledger = Ledger(pool)
+    ledger.apply(CreateRun(run_id="r1", workflow="w", input={"i": 1}, idempotency_key="c:r1"))
+    ledger.apply(
+        StartRun(
+            run_id="r1",
+            workflow="w",
+            steps=(StepSpec(step_key="a", max_attempts=4, queue="q1", timeout_seconds=9.5),),
+            idempotency_key="s:r1",
+        )
+    )
+    assert ledger.apply(StartStep(run_id="r1", step_key="a", attempt=1, fence="f")).applied
+    with pool.connection() as conn:
+        locked = conn.execute(LOCK, ("k-fields", False)).fetchone()
+        run = conn.execute("SELECT * FROM executor.runs WHERE run_id = 'r1'").fetchone()
+        step = conn.execute(
+            "SELECT *, ctid::text AS ctid, cardinality(depends_on) AS upstreams"
+            " FROM executor.steps WHERE run_id = 'r1' AND step_key = 'a'"
+        ).fetchone()
+    assert locked is not None
+    assert run is not None
+    assert step is not None
+    as_run = locked_run(locked["l"]["run"])
+    assert as_run == {k: run[k] for k in RUN_FIELDS}
+    (fields,) = locked["l"]["steps"]
+    as_step = locked_step(fields)
+    for name in ("lease_expires_at",):  # json carries times as text
+        as_step[name] = datetime.fromisoformat(as_step[name])
+    assert as_step == {k: step[k] for k in STEP_FIELDS}
