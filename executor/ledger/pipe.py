@@ -133,7 +133,8 @@ _names = itertools.count()
 # Per connection: a poll object on its socket, which lives as long as the connection does,
 # and a Transformer, which keeps the dumpers and loaders it has looked up (a new one per
 # transaction looked every parameter's type up again). One thread uses a connection at a
-# time, as psycopg's cursors use theirs.
+# time, as psycopg's cursors use theirs. The connection's json loaders become `_loads`, for
+# every query on it, the pipeline's or not.
 _polls: weakref.WeakKeyDictionary[Conn, select.poll] = weakref.WeakKeyDictionary()
 _transformers: weakref.WeakKeyDictionary[Conn, abc.Transformer] = weakref.WeakKeyDictionary()
 

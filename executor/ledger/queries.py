@@ -171,10 +171,11 @@ FROM jsonb_to_recordset(%s::jsonb) AS u(
 # Every write of an applied command in one statement: data-modifying CTEs share the
 # transaction (and its locks), and one statement is one parse/bind/dump instead of five.
 # Rows inserted earlier in the same transaction (a start_run's steps) are visible to it.
-# `write_changes` picks one of four, by what the command spends and queues: the parts a
-# command does not need are left out, not run on empty lists (an INSERT of no rows still
-# opens its table and every index of it; a list of keys costs a join where one key is a
-# lookup).
+# `write_changes` assembles one by what the command spends and queues, and by how many steps
+# and events it writes: the parts a command does not need are left out, not run on empty
+# lists (an INSERT of no rows still opens its table and every index of it; a list of keys
+# costs a join where one key is a lookup), and one row is passed as parameters, not as a
+# document to unpack.
 _RECEIPT = """
 WITH receipt AS (
     INSERT INTO executor.receipts
