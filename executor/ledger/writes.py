@@ -26,8 +26,8 @@ from executor.ledger.pipe import Pipe, Result
 # `queries.LISTED_EVENTS` events go as parameters of their own: as a document, the server
 # parses it, reads it in a function scan and joins it to its row, and for one row that costs
 # more than the update (110k instructions of a command's 1,400k). False only in the test that
-# compares both forms.
-ONE_STEP_AS_PARAMETERS = True
+# compares both forms: every row then goes as a document.
+ROWS_AS_PARAMETERS = True
 
 
 def write(conn: Pipe, command: Command, t: Transition, *, grace: float) -> Result | None:
@@ -115,7 +115,7 @@ def write(conn: Pipe, command: Command, t: Transition, *, grace: float) -> Resul
 def _step_params(params: dict[str, Any], changed: list[StepRow]) -> bool:
     """The changed steps' new values: one as parameters of its own (True), any other number
     as a document."""
-    if len(changed) != 1 or not ONE_STEP_AS_PARAMETERS:
+    if len(changed) != 1 or not ROWS_AS_PARAMETERS:
         params["s_ctid"] = _tids(s.ctid for s in changed)
         params["steps"] = json_text([_step_doc(s) for s in changed])
         return False
@@ -143,7 +143,7 @@ def _step_params(params: dict[str, Any], changed: list[StepRow]) -> bool:
 def _event_params(params: dict[str, Any], events: list[NewEvent]) -> int:
     """The events to append: up to `queries.LISTED_EVENTS` as parameters (their number), more
     as a document (0)."""
-    if 0 < len(events) <= q.LISTED_EVENTS:
+    if ROWS_AS_PARAMETERS and 0 < len(events) <= q.LISTED_EVENTS:
         for i, e in enumerate(events):
             params[f"e{i}_type"] = e.type
             params[f"e{i}_step_key"] = e.step_key

@@ -123,8 +123,7 @@ def test_parameters_and_documents_write_the_same_rows(
     ledger = Ledger(pool)
     by_parameters = [ledger.apply(c) for c in script("run-params")]
     with monkeypatch.context() as forced:
-        forced.setattr(writes, "ONE_STEP_AS_PARAMETERS", False)
-        forced.setattr(q, "LISTED_EVENTS", 0)
+        forced.setattr(writes, "ROWS_AS_PARAMETERS", False)
         by_documents = [ledger.apply(c) for c in script("run-documents")]
 
     assert [o.applied for o in by_parameters] == [o.applied for o in by_documents]
